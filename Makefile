@@ -1,0 +1,25 @@
+# Two commands for a fresh machine (Python 3.11 and pip): `make demo` and `make test`.
+# Each creates .venv and installs requirements.txt into it when that has not been done yet.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-requirements
+
+.PHONY: demo test install clean-demo
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m monai.bundle run --config_file "['bundle/configs/inference.json','bundle/configs/demo.json']"
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean-demo:
+	rm -rf demo

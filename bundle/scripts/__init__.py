@@ -1,0 +1,18 @@
+"""CS3F bundle code: one module per stage, wired together by ``configs/inference.json``."""
+
+from . import (  # noqa: F401  (config expressions refer to them as ``scripts.<module>``)
+    backbones,
+    cohort,
+    demo,
+    inferer,
+    metrics,
+    outputs,
+    overview,
+    phantoms,
+    postprocessing,
+    reporting,
+    scoring,
+    tokenizer,
+    transforms,
+    workflow,
+)

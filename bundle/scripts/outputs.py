@@ -1,0 +1,120 @@
+"""Writing results: atomically, never over existing results unless asked, in the input's own space.
+
+Every file is first written under a temporary name in the destination folder and then renamed, so a
+crash or a full disk never leaves a half-written NIfTI or CSV that looks like a result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import MetaTensor, NibabelWriter
+
+__all__ = [
+    "OutputExistsError",
+    "atomic_path",
+    "write_nifti",
+    "write_csv",
+    "write_json",
+    "subject_files",
+    "cohort_files",
+    "refuse_existing",
+    "top_fraction_mean",
+    "volume_ml",
+]
+
+COHORT_FILES = ("scores.csv", "run.json")
+SUBJECT_SUFFIXES = ("_anomaly.nii.gz", "_anomaly_mask.nii.gz", "_overview.png")
+
+
+class OutputExistsError(FileExistsError):
+    """Results are already in the output folder; the message says how to overwrite them."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path`` (same suffixes, so writers pick the same format); rename on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def write_nifti(image: torch.Tensor, path: str | os.PathLike, dtype: type = np.float32) -> Path:
+    """Write a channel-first 3D ``MetaTensor`` with its own affine as NIfTI, through MONAI's ``NibabelWriter``."""
+    if not isinstance(image, MetaTensor):
+        raise TypeError("write_nifti needs a MetaTensor that carries the affine of the grid it is on")
+    writer = NibabelWriter(output_dtype=dtype)
+    writer.set_data_array(image.detach().cpu().to(torch.float32 if dtype == np.float32 else torch.uint8), channel_dim=0)
+    writer.set_metadata({"affine": image.affine, "original_affine": image.affine}, resample=False)
+    with atomic_path(path) as tmp:
+        writer.write(str(tmp), verbose=False)
+    return Path(path)
+
+
+def write_csv(rows: Sequence[dict], path: str | os.PathLike, fieldnames: Sequence[str]) -> Path:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fieldnames))
+        writer.writeheader()
+        writer.writerows(rows)
+    return Path(path)
+
+
+def write_json(obj: dict, path: str | os.PathLike) -> Path:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.write("\n")
+    return Path(path)
+
+
+def subject_files(output_dir: str | os.PathLike, subject: str) -> dict[str, Path]:
+    """The per-subject output files: heat map, binary mask, overview figure."""
+    keys = ("anomaly", "anomaly_mask", "overview")
+    return {k: Path(output_dir) / f"{subject}{s}" for k, s in zip(keys, SUBJECT_SUFFIXES)}
+
+
+def cohort_files(output_dir: str | os.PathLike) -> dict[str, Path]:
+    return {name.split(".")[0]: Path(output_dir) / name for name in COHORT_FILES}
+
+
+def refuse_existing(output_dir: str | os.PathLike, subjects: Sequence[str], overwrite: bool) -> None:
+    """Stop before any work if results of this cohort are already in ``output_dir`` and ``overwrite`` is off."""
+    if overwrite:
+        return
+    existing = [p for p in cohort_files(output_dir).values() if p.exists()]
+    existing += [p for s in subjects for p in subject_files(output_dir, s).values() if p.exists()]
+    if existing:
+        shown = ", ".join(str(p) for p in existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+        raise OutputExistsError(
+            f"output_dir already holds results ({shown}); choose another --output_dir or pass --overwrite true to replace them"
+        )
+
+
+def top_fraction_mean(values: np.ndarray, fraction: float) -> float:
+    """Mean of the highest ``fraction`` of ``values`` (at least one value): a subject score robust to single hot voxels."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if values.size == 0:
+        return float("nan")
+    k = max(1, int(np.ceil(fraction * values.size)))
+    return float(np.partition(values, values.size - k)[-k:].mean())
+
+
+def volume_ml(binary: np.ndarray, affine: np.ndarray) -> float:
+    """Volume of the voxels set in ``binary``, in millilitres, from the voxel size of ``affine``."""
+    voxel_mm3 = abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3])))
+    return float(np.count_nonzero(binary)) * voxel_mm3 / 1000.0

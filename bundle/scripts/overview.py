@@ -1,0 +1,98 @@
+"""Per-subject overview figure: three orthogonal slices through the most anomalous region.
+
+Uses `matplotlib.figure.Figure` with the Agg canvas directly instead of pyplot, so importing or calling
+this never changes the global matplotlib backend or figure registry of the host process.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from scipy import ndimage
+
+HEAT_SMOOTHING_VOXELS = 2.0  # makes the chosen point the centre of a region, not a single hot voxel
+
+
+def save_overview(image: np.ndarray, heat: np.ndarray, path: str | Path, spacing: Sequence[float] = (1.0, 1.0, 1.0),
+                  title: str = "", mask: np.ndarray | None = None) -> tuple[int, int, int]:
+    """Save axial/coronal/sagittal slices of RAS `image` with `heat` overlaid; return the voxel shown.
+
+    The slices cross at the argmax of the gaussian-smoothed heat map and are drawn in radiological
+    convention (patient right on screen left; anterior up in axial, superior up in coronal/sagittal).
+    """
+    image, heat = np.asarray(image, dtype=np.float32), np.asarray(heat, dtype=np.float32)
+    if image.ndim != 3 or image.shape != heat.shape or (mask is not None and np.shape(mask) != image.shape):
+        raise ValueError(f"image, heat and mask must be 3D arrays of one shape, got {image.shape}, {heat.shape}"
+                         f"{'' if mask is None else ', ' + str(np.shape(mask))}")
+    heat = np.nan_to_num(heat, nan=0.0, posinf=0.0, neginf=0.0)
+    smoothed = ndimage.gaussian_filter(heat, HEAT_SMOOTHING_VOXELS)
+    point = tuple(int(i) for i in np.unravel_index(np.argmax(smoothed), heat.shape))
+
+    finite = image[np.isfinite(image)]
+    low, high = np.percentile(finite, (1, 99)) if finite.size else (0.0, 1.0)
+    grey = Normalize(float(low), float(high) if high > low else float(low) + 1.0)
+    heat_norm = Normalize(0.0, max(float(heat.max()), 1e-6))
+    heat_cmap = matplotlib.colormaps["inferno"]
+
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
+    views = _slices(image, point, spacing)
+    heats = _slices(heat, point, spacing)
+    masks = _slices(np.asarray(mask, dtype=np.float32), point, spacing) if mask is not None else [None] * 3
+    for ax, view, hot, contour in zip(axes, views, heats, masks):
+        ax.imshow(view["data"], cmap="gray", norm=grey, origin="lower", aspect=view["aspect"],
+                  interpolation="nearest")
+        ax.imshow(np.ma.masked_less_equal(hot["data"], 0.0), cmap=heat_cmap, norm=heat_norm, alpha=0.55,
+                  origin="lower", aspect=view["aspect"], interpolation="nearest")
+        if contour is not None and 0 < contour["data"].max() and contour["data"].min() < 1:
+            ax.contour(contour["data"], levels=[0.5], colors="cyan", linewidths=0.8)
+        col, row = view["cross"]
+        ax.axvline(col, color="lime", linewidth=0.6, alpha=0.7)
+        ax.axhline(row, color="lime", linewidth=0.6, alpha=0.7)
+        ax.set_title(view["title"], fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for (x, y), letter in zip(((0.02, 0.5), (0.98, 0.5), (0.5, 0.98), (0.5, 0.02)), view["letters"]):
+            ax.text(x, y, letter, transform=ax.transAxes, color="yellow", fontsize=9, ha="center", va="center")
+    fig.colorbar(ScalarMappable(norm=heat_norm, cmap=heat_cmap), ax=list(axes), shrink=0.8,
+                 label="anomaly score")
+    if title:
+        fig.suptitle(title)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.stem}.png")
+    try:
+        fig.savefig(tmp, format="png", dpi=150)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return point
+
+
+def _slices(volume: np.ndarray, point: tuple[int, int, int], spacing: Sequence[float]) -> list[dict]:
+    """Axial, coronal and sagittal 2D arrays through `point`, oriented for display with origin="lower".
+
+    Each dict holds `data` (rows run up the screen, columns left to right), `aspect` (row / column mm),
+    `cross` (column, row of `point`), `title` and the `letters` at the left, right, top and bottom edges.
+    """
+    i, j, k = point
+    nx, ny, _ = volume.shape
+    sx, sy, sz = (float(s) for s in spacing)
+    return [
+        {"data": volume[::-1, :, k].T, "aspect": sy / sx, "cross": (nx - 1 - i, j),
+         "title": f"axial z={k}", "letters": "RLAP"},
+        {"data": volume[::-1, j, :].T, "aspect": sz / sx, "cross": (nx - 1 - i, k),
+         "title": f"coronal y={j}", "letters": "RLSI"},
+        {"data": volume[i, ::-1, :].T, "aspect": sz / sy, "cross": (ny - 1 - j, k),
+         "title": f"sagittal x={i}", "letters": "APSI"},
+    ]

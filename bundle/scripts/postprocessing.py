@@ -1,0 +1,92 @@
+"""Dictionary transforms that turn token scores into voxel heat maps and masks.
+
+Token scores live on the coarse token grid of the preprocessed volume; ``TokenScoresToVoxelsd`` brings
+them onto the preprocessed voxel grid and hands them the image's transform history, so MONAI's
+``Invertd`` can take them back to the original image space.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+
+import torch
+import torch.nn.functional as F
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+
+__all__ = ["upsample_scores", "TokenScoresToVoxelsd", "MaskOutsided", "ThresholdFromKeyd"]
+
+
+def upsample_scores(scores: torch.Tensor, spatial_shape: tuple[int, ...]) -> torch.Tensor:
+    """Trilinear upsampling of a ``(d, h, w)`` token score grid with NaN holes to ``spatial_shape``.
+
+    Normalised convolution: values and validity are interpolated separately and divided, so unscored
+    tokens neither spread NaN nor pull their neighbours towards zero.
+    """
+    valid = torch.isfinite(scores).float()[None, None]
+    values = torch.nan_to_num(scores.float(), nan=0.0)[None, None]
+    num = F.interpolate(values, size=spatial_shape, mode="trilinear", align_corners=False)
+    den = F.interpolate(valid, size=spatial_shape, mode="trilinear", align_corners=False)
+    return torch.where(den > 1e-6, num / den.clamp(min=1e-6), 0.0)[0, 0]
+
+
+class TokenScoresToVoxelsd(MapTransform):
+    """Token score grid -> ``(1, D, H, W)`` voxel heat map on ``ref_key``'s grid, zero outside ``mask_key``.
+
+    The result carries ``ref_key``'s metadata, so ``Invertd(orig_keys=ref_key)`` maps it back.
+    """
+
+    def __init__(self, keys: KeysCollection, ref_key: str = "image", mask_key: str = "mask") -> None:
+        super().__init__(keys)
+        self.ref_key = ref_key
+        self.mask_key = mask_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        ref = d[self.ref_key]
+        inside = torch.as_tensor(d[self.mask_key]).as_subclass(torch.Tensor)[0] > 0.5
+        for key in self.key_iterator(d):
+            heat = upsample_scores(torch.as_tensor(d[key]).as_subclass(torch.Tensor).reshape(d[key].shape[-3:]), ref.shape[1:])
+            heat = torch.where(inside, heat, 0.0)[None]
+            d[key] = MetaTensor(heat, meta=dict(ref.meta), applied_operations=list(ref.applied_operations)) \
+                if isinstance(ref, MetaTensor) else heat
+        return d
+
+
+class MaskOutsided(MapTransform):
+    """Set ``keys`` to zero wherever ``mask_key`` is not set (both on the same grid)."""
+
+    def __init__(self, keys: KeysCollection, mask_key: str = "foreground") -> None:
+        super().__init__(keys)
+        self.mask_key = mask_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        inside = torch.as_tensor(d[self.mask_key]).as_subclass(torch.Tensor) > 0.5
+        for key in self.key_iterator(d):
+            if d[key].shape != inside.shape:
+                raise ValueError(f"{key} shape {tuple(d[key].shape)} differs from mask shape {tuple(inside.shape)}")
+            d[key] = d[key] * inside
+        return d
+
+
+class ThresholdFromKeyd(MapTransform):
+    """Binary mask ``output_key`` = ``keys`` >= the threshold stored under ``threshold_key``.
+
+    The threshold is a cohort-level value known only after scoring, hence it travels in the data dict.
+    """
+
+    def __init__(self, keys: KeysCollection, threshold_key: str = "threshold", output_key: str = "anomaly_mask") -> None:
+        super().__init__(keys)
+        if len(self.keys) != 1:
+            raise ValueError("ThresholdFromKeyd thresholds exactly one key")
+        self.threshold_key = threshold_key
+        self.output_key = output_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        heat = d[self.keys[0]]
+        # heat is exactly 0 outside the mask: never flag that, whatever the threshold
+        d[self.output_key] = ((heat >= float(d[self.threshold_key])) & (heat > 0)).to(torch.uint8)
+        return d

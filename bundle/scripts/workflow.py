@@ -1,0 +1,270 @@
+"""The cohort run: find subjects, encode each, score all against each other, write results per subject.
+
+Three passes keep memory bounded by one preprocessed volume plus the (small) tokens of the cohort:
+encoding (preprocess, tokenize, drop the volume), scoring (tokens only), writing (preprocess again,
+invert to the original space, write). A subject that fails in any pass is reported and skipped; the
+others still get their results.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.transforms import Orientation
+from tqdm.auto import tqdm
+
+from .cohort import find_subjects
+from .inferer import CohortInferer
+from .outputs import (
+    cohort_files,
+    refuse_existing,
+    subject_files,
+    top_fraction_mean,
+    volume_ml,
+    write_csv,
+    write_json,
+    write_nifti,
+)
+from .overview import save_overview
+from .reporting import banner
+from .tokenizer import MultiAxisTokenizer
+
+__all__ = ["CohortError", "CohortRunner", "SCORE_FIELDS"]
+
+logger = logging.getLogger(__name__)
+SCORE_FIELDS = ("subject", "subject_score", "lesion_volume_ml", "image")
+MIN_SUBJECTS = 3
+
+
+class CohortError(RuntimeError):
+    """The cohort as a whole cannot be scored (e.g. fewer than three readable subjects)."""
+
+
+@dataclass
+class _Encoded:
+    subject: dict[str, str]
+    tokens: torch.Tensor
+    valid: torch.Tensor
+
+
+@dataclass
+class RunReport:
+    """What happened, for ``run.json`` and the caller."""
+
+    subjects: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    threshold: float = float("nan")
+
+
+class CohortRunner:
+    """Runs CS3F over the cohort in ``dataset_dir`` and writes the results to ``output_dir``.
+
+    Args:
+        dataset_dir, image_pattern, mask_pattern: where the subjects are, see ``cohort.find_subjects``.
+        output_dir: where results go (created if needed).
+        preprocessing: dictionary transform giving ``image`` and ``mask`` on the common grid, plus the
+            original-space copies ``original`` and ``foreground``.
+        postprocessing: dictionary transform from token scores under ``anomaly`` (and the cohort
+            ``threshold``) to ``anomaly`` / ``anomaly_mask`` in the original space.
+        network: the tokenizer; inferer: the cohort inferer.
+        threshold: ``{"method": "mad" | "percentile" | "absolute", "value": float}``, see
+            ``scoring.robust_threshold``.
+        top_fraction: subject score = mean of this top fraction of voxel scores inside the mask.
+        overwrite: replace existing results in ``output_dir``; otherwise the run refuses to start.
+        settings: the public configuration, recorded in ``run.json``.
+        overview: write the ``<id>_overview.png`` figures.
+        progress: show progress bars.
+    """
+
+    def __init__(
+        self,
+        dataset_dir: str,
+        output_dir: str,
+        preprocessing: Callable,
+        postprocessing: Callable,
+        network: MultiAxisTokenizer,
+        inferer: CohortInferer,
+        threshold: Mapping[str, Any],
+        image_pattern: str = "{id}.nii.gz",
+        mask_pattern: str | None = None,
+        top_fraction: float = 0.01,
+        overwrite: bool = False,
+        settings: Mapping[str, Any] | None = None,
+        overview: bool = True,
+        progress: bool = True,
+    ) -> None:
+        self.dataset_dir = dataset_dir
+        self.output_dir = Path(output_dir)
+        self.image_pattern = image_pattern
+        self.mask_pattern = mask_pattern or None
+        self.preprocessing = preprocessing
+        self.postprocessing = postprocessing
+        self.network = network
+        self.inferer = inferer
+        self.threshold = dict(threshold)
+        self.top_fraction = top_fraction
+        self.overwrite = overwrite
+        self.settings = dict(settings or {})
+        self.overview = overview
+        self.progress = progress
+
+    def run(self) -> RunReport:
+        from .scoring import robust_threshold
+
+        report = RunReport()
+        start = time.perf_counter()
+        note = backbone_note(self.network.encoder)
+        if note:
+            logger.warning("\n%s", note)
+        subjects, report.problems = find_subjects(self.dataset_dir, self.image_pattern, self.mask_pattern)
+        refuse_existing(self.output_dir, [s["subject"] for s in subjects], self.overwrite)
+        self._log_problems(report.problems)
+
+        tick = time.perf_counter()
+        encoded = self._encode(subjects, report)
+        report.timings["encode_s"] = time.perf_counter() - tick
+        if len(encoded) < MIN_SUBJECTS:
+            raise CohortError(
+                f"{len(encoded)} usable subject(s) in {self.dataset_dir} (pattern {self.image_pattern!r}); cross-subject "
+                f"scoring needs at least {MIN_SUBJECTS}." + "".join(f"\n  - {p}" for p in report.problems)
+            )
+
+        tick = time.perf_counter()
+        scores = self.inferer.score(
+            torch.stack([e.tokens for e in encoded]), torch.stack([e.valid for e in encoded]), self.network.num_groups
+        )
+        report.threshold = robust_threshold(scores, self.threshold["method"], self.threshold["value"])
+        report.timings["score_s"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        for e, token_scores in tqdm(
+            list(zip(encoded, scores)), desc="writing", disable=not self.progress, leave=False
+        ):
+            try:
+                report.subjects.append(self._write_subject(e.subject, token_scores, report.threshold))
+            except Exception as err:  # one subject's failure must not lose the others' results
+                report.problems.append(f"{e.subject['subject']} ({e.subject['image']}): writing failed: {root_cause(err)}")
+                logger.error(report.problems[-1])
+        report.timings["write_s"] = time.perf_counter() - tick
+        report.timings["total_s"] = time.perf_counter() - start
+        self._write_cohort_files(report)
+        return report
+
+    def _encode(self, subjects: list[dict[str, str]], report: RunReport) -> list[_Encoded]:
+        encoded = []
+        for subject in tqdm(subjects, desc="encoding", disable=not self.progress):
+            try:
+                data = self.preprocessing(dict(subject))
+                tokens = self.inferer.encode(data["image"], self.network)
+                valid = self.inferer.token_validity(data["mask"], self.network.slice_depth)
+                if not bool(valid.any()):
+                    raise ValueError("the mask covers no token of the common grid (mask too small or too thin)")
+            except Exception as err:
+                report.problems.append(f"{subject['subject']} ({subject['image']}): {root_cause(err)}")
+                logger.error("skipping subject %s", report.problems[-1])
+                continue
+            encoded.append(_Encoded(subject, tokens, valid))
+        return encoded
+
+    def _write_subject(self, subject: dict[str, str], token_scores: torch.Tensor, threshold: float) -> dict[str, Any]:
+        data = self.preprocessing(dict(subject))
+        data["anomaly"] = token_scores[None]
+        data["threshold"] = threshold
+        data = self.postprocessing(data)
+        files = subject_files(self.output_dir, subject["subject"])
+        heat, binary = data["anomaly"], data["anomaly_mask"]
+        write_nifti(heat, files["anomaly"], np.float32)
+        write_nifti(binary, files["anomaly_mask"], np.uint8)
+        inside = data["foreground"].as_tensor()[0].numpy() > 0.5
+        heat_np = heat.as_tensor()[0].numpy()
+        row = {
+            "subject": subject["subject"],
+            "subject_score": top_fraction_mean(heat_np[inside], self.top_fraction),
+            "lesion_volume_ml": volume_ml(binary.as_tensor()[0].numpy(), heat.affine.numpy()),
+            "image": subject["image"],
+        }
+        if self.overview:
+            self._save_overview(data, files["overview"], row)
+        return row
+
+    @staticmethod
+    def _save_overview(data: Mapping[str, Any], path: Path, row: Mapping[str, Any]) -> None:
+        to_ras = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))
+        image, heat, mask = (to_ras(data[k]) for k in ("original", "anomaly", "anomaly_mask"))
+        save_overview(
+            image.as_tensor()[0].numpy(), heat.as_tensor()[0].numpy(), path,
+            spacing=[float(s) for s in image.pixdim[:3]], mask=mask.as_tensor()[0].numpy() > 0,
+            title=f"{row['subject']}: score {row['subject_score']:.4g}, flagged {row['lesion_volume_ml']:.2f} ml",
+        )
+
+    def _write_cohort_files(self, report: RunReport) -> None:
+        files = cohort_files(self.output_dir)
+        write_csv(sorted(report.subjects, key=lambda r: r["subject"]), files["scores"], SCORE_FIELDS)
+        encoder = self.network.encoder
+        write_json(
+            {
+                "settings": self.settings,
+                "backbone": {
+                    "requested": self.settings.get("backbone", encoder.name),
+                    "used": encoder.name,
+                    "pretrained": encoder.pretrained,
+                    "warning": encoder.warning,
+                    "note": backbone_note(encoder),
+                },
+                "threshold": {**self.threshold, "score": report.threshold},
+                "subjects_written": len(report.subjects),
+                "problems": report.problems,
+                "timings_s": report.timings,
+                "versions": _versions(),
+            },
+            files["run"],
+        )
+
+    @staticmethod
+    def _log_problems(problems: list[str]) -> None:
+        for p in problems:
+            logger.error("skipping subject %s", p)
+
+
+def backbone_note(encoder: Any) -> str:
+    """A loud notice whenever the backbone is not a pretrained foundation model (empty when it is)."""
+    if encoder.pretrained:
+        return ""
+    what = {
+        "intensity": "the raw-intensity baseline (no learned features)",
+        "random": "a RANDOMLY INITIALISED ViT, for testing the mechanics only; it scores real lesions below normal tissue",
+    }.get(encoder.name, "not pretrained")
+    return banner([f"BACKBONE {encoder.name!r} is NOT DINOv2: {what}.", encoder.warning.split(". ")[0] if encoder.warning else
+                   "Results are not CS3F/DINOv2 results."])
+
+
+def root_cause(err: BaseException) -> str:
+    """The innermost error of a chain: MONAI wraps transform errors in "applying transform ..." messages."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return f"{type(err).__name__}: {err}" if not isinstance(err, (ValueError, OSError)) else str(err)
+
+
+def _versions() -> dict[str, str]:
+    import monai
+    import timm
+
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "timm": timm.__version__,
+        "cuda": torch.version.cuda or "none",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }

@@ -1,0 +1,177 @@
+"""The whole bundle, as a user runs it: `python -m monai.bundle run ...` on tiny cohorts, bad inputs included."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monai.bundle import ConfigParser
+
+from scripts.metrics import voxel_metrics
+from scripts.outputs import subject_files
+from scripts.phantoms import make_phantom_cohort
+
+ROOT = Path(__file__).resolve().parents[1]
+INFERENCE = ROOT / "bundle" / "configs" / "inference.json"
+# a tiny random ViT: the mechanics only (a random ViT is no feature extractor)
+TINY_VIT = {
+    "backbone": "random",
+    "backbone_kwargs": {"embed_dim": 24, "depth": 2, "num_heads": 2, "patch_size": 8},
+    "feature_blocks": 2,
+    "slice_depth": 8,
+    "grid_size": 32,
+    "proj_dim": 16,
+}
+PHANTOM = {"image_pattern": "{id}/{id}_flair.nii.gz", "mask_pattern": "{id}/{id}_brainmask.nii.gz"}
+
+
+def run_bundle(tmp_path: Path, **overrides) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(INFERENCE), "--progress", "false"]
+    for key, value in overrides.items():
+        args += [f"--{key}", repr(value) if isinstance(value, (dict, list, bool)) or value is None else str(value)]
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> tuple[Path, list[dict]]:
+    folder = tmp_path_factory.mktemp("cohort")
+    records = make_phantom_cohort(folder, n_subjects=4, shape=(40, 48, 40), spacing=3.5, n_lesion_free=1, seed=3)
+    return folder, records
+
+
+def test_end_to_end_tiny_vit(cohort, tmp_path):
+    folder, records = cohort
+    before = digest(folder)
+    out = tmp_path / "out"
+    result = run_bundle(tmp_path, dataset_dir=folder, output_dir=out, **PHANTOM, **TINY_VIT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert digest(folder) == before, "inputs must never be modified"
+    assert "is NOT DINOv2" in result.stdout + result.stderr
+
+    rows = list(csv.DictReader(open(out / "scores.csv")))
+    assert [r["subject"] for r in rows] == [r["subject"] for r in records]
+    for rec in records:
+        files = subject_files(out, rec["subject"])
+        src = nib.load(rec["image"])
+        for key in ("anomaly", "anomaly_mask"):
+            img = nib.load(files[key])
+            assert img.shape == src.shape  # the input's own grid and orientation
+            np.testing.assert_allclose(img.affine, src.affine, atol=1e-4)
+        heat = np.asarray(nib.load(files["anomaly"]).dataobj)
+        brain = np.asarray(nib.load(rec["mask"]).dataobj) > 0
+        assert heat.dtype == np.float32 and np.isfinite(heat).all()
+        assert (heat[~brain] == 0).all() and heat[brain].max() > 0
+        assert files["overview"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    run = json.loads((out / "run.json").read_text())
+    assert run["backbone"] == {**run["backbone"], "used": "random", "pretrained": False}
+    assert run["settings"]["grid_size"] == 32 and run["problems"] == []
+    assert set(run["timings_s"]) >= {"encode_s", "score_s", "write_s", "total_s"}
+
+    again = run_bundle(tmp_path, dataset_dir=folder, output_dir=out, **PHANTOM, **TINY_VIT)
+    assert again.returncode != 0 and "--overwrite true" in again.stderr
+    assert not list(out.glob(".*tmp*")), "no temporary files may be left behind"
+
+
+def test_bad_subjects_are_reported_and_skipped(cohort, tmp_path):
+    folder, records = cohort
+    data = tmp_path / "data"
+    for rec in records:  # the good subjects, flat
+        (data).mkdir(exist_ok=True)
+        os.symlink(rec["image"], data / f"{rec['subject']}.nii.gz")
+    (data / "corrupt.nii.gz").write_bytes(b"not an image at all")
+    nib.save(nib.Nifti1Image(np.ones((20, 20), np.float32), np.eye(4)), data / "flat2d.nii.gz")
+    nan = np.random.default_rng(0).random((20, 20, 20)).astype(np.float32)
+    nan[3, 4, 5] = np.nan
+    nib.save(nib.Nifti1Image(nan, np.eye(4)), data / "withnan.nii.gz")
+    out = tmp_path / "out"
+    result = run_bundle(tmp_path, dataset_dir=data, output_dir=out, **TINY_VIT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    problems = json.loads((out / "run.json").read_text())["problems"]
+    text = "\n".join(problems)
+    assert len(problems) == 3
+    assert "corrupt.nii.gz" in text and "flat2d.nii.gz" in text and "2 spatial dimensions" in text
+    assert "withnan.nii.gz" in text and "NaN" in text
+    assert {r["subject"] for r in csv.DictReader(open(out / "scores.csv"))} == {r["subject"] for r in records}
+
+
+def test_fewer_than_three_subjects_is_a_clear_error(cohort, tmp_path):
+    folder, records = cohort
+    data = tmp_path / "two"
+    data.mkdir()
+    for rec in records[:2]:
+        os.symlink(rec["image"], data / f"{rec['subject']}.nii.gz")
+    result = run_bundle(tmp_path, dataset_dir=data, output_dir=tmp_path / "out", **TINY_VIT)
+    assert result.returncode != 0
+    assert "needs at least 3" in result.stderr
+
+
+def test_network_in_out_and_metadata_verify():
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "bundle")}
+    meta = str(ROOT / "bundle" / "configs" / "metadata.json")
+    verify_meta = [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", meta,
+                   "--filepath", str(ROOT / "bundle" / "docs" / "meta_schema.json")]
+    verify_net = [sys.executable, "-m", "monai.bundle", "verify_net_in_out", "--net_id", "network_def",
+                  "--meta_file", meta, "--config_file", str(INFERENCE), "--backbone", "random", "--grid_size", "28",
+                  "--n", "2", "--device", "cpu"]
+    for cmd in (verify_meta, verify_net):
+        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        assert "verified with no error" in result.stdout + result.stderr
+
+
+def run_in_process(**overrides):
+    """Parse the bundle config with overrides and run it in this process (faster than a subprocess)."""
+    parser = ConfigParser()
+    parser.read_config(str(INFERENCE))
+    parser.update({"progress": False, "write_overview": False, "bundle_root": str(ROOT / "bundle"), **overrides})
+    return parser.get_parsed_content("runner").run()
+
+
+def pooled_metrics(report, output_dir, truths: dict[str, Path], masks: dict[str, Path]) -> dict[str, float]:
+    heats, labels, brains = [], [], []
+    for row in report.subjects:
+        heats.append(np.asarray(nib.load(subject_files(output_dir, row["subject"])["anomaly"]).dataobj))
+        labels.append(np.asarray(nib.load(truths[row["subject"]]).dataobj) > 0)
+        brains.append(np.asarray(nib.load(masks[row["subject"]]).dataobj) > 0)
+    return voxel_metrics(heats, labels, brains, report.threshold)
+
+
+def test_planted_lesions_rank_above_normal_tissue(tmp_path):
+    """Intensity backbone on a small phantom cohort: lesion voxels must outrank normal brain."""
+    records = make_phantom_cohort(tmp_path / "c", n_subjects=8, shape=(64, 75, 64), spacing=2.25, n_lesion_free=2, seed=0)
+    out = tmp_path / "out"
+    report = run_in_process(dataset_dir=str(tmp_path / "c"), output_dir=str(out), backbone="intensity", grid_size=112,
+                           **PHANTOM)
+    metrics = pooled_metrics(report, out, {r["subject"]: r["label"] for r in records},
+                             {r["subject"]: r["mask"] for r in records})
+    assert metrics["auroc"] > 0.85, metrics  # 0.917 measured at this 112^3 grid (0.98 at 224^3, see the demo)
+
+
+BRATS = ROOT.parent / "shared" / "data" / "brats2015_flair"
+
+
+@pytest.mark.skipif(not BRATS.is_dir(), reason=f"real BraTS data not present at {BRATS}")
+def test_brats_flair_intensity_window_auroc(tmp_path):
+    """Real glioma FLAIR, no healthy references: window matching must still find the tumours (AUROC >= 0.85)."""
+    print("\nNOTE: accuracy check with the raw-INTENSITY backbone, not DINOv2 (no pretrained weights offline).")
+    out = tmp_path / "out"
+    report = run_in_process(dataset_dir=str(BRATS), output_dir=str(out), backbone="intensity", matching="window",
+                           image_pattern="{id}/Flair_subtrMeanDivStd.nii.gz", mask_pattern="{id}/brainmask.nii.gz")
+    cases = [p.name for p in BRATS.iterdir() if p.is_dir()]
+    metrics = pooled_metrics(report, out, {c: BRATS / c / "OTMultiClass.nii.gz" for c in cases},
+                             {c: BRATS / c / "brainmask.nii.gz" for c in cases})
+    print(f"BraTS FLAIR, intensity backbone, window matching: {metrics}")
+    assert len(report.subjects) == 4
+    assert metrics["auroc"] >= 0.85, metrics
