@@ -10,10 +10,6 @@ import torch
 
 from scripts.backbones import create_backbone
 
-# Tiny models on a 2-core machine: intra-op threads only add synchronisation cost (and with another busy
-# process, OpenMP spin-waiting makes each small forward pass ~50x slower). Results do not depend on it.
-torch.set_num_threads(1)
-
 TINY_VIT = {"embed_dim": 24, "depth": 2, "num_heads": 2, "patch_size": 8}
 # the DINOv2 ViT-S/14 architecture shrunk to stay fast; patch size stays 14 like the real one
 TINY_DINOV2 = {"depth": 2, "embed_dim": 48, "num_heads": 2}

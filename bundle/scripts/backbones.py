@@ -244,6 +244,8 @@ def _timm_vit(arch: str, img_size: int, seed: int, **kwargs) -> nn.Module:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # "random" must mean the same random network on every run
+        # dynamic_img_size: slices of non-cubic grids work too (position embeddings are interpolated)
+        kwargs.setdefault("dynamic_img_size", True)
         return timm.create_model(arch, pretrained=False, img_size=img_size, num_classes=0, **kwargs)
 
 

@@ -8,6 +8,7 @@ A match may be a file (NIfTI, NRRD, MHA, ...) or a folder holding one DICOM seri
 from __future__ import annotations
 
 import fnmatch
+import glob as globlib
 import re
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def _id_regex(pattern: str) -> re.Pattern[str]:
 
 def match_pattern(dataset_dir: Path, pattern: str, subject: str | None = None) -> list[Path]:
     """Paths under ``dataset_dir`` matching ``pattern`` (``{id}`` replaced by ``subject``, or any id)."""
-    glob = pattern.replace(_ID, subject if subject is not None else "*")
+    glob = pattern.replace(_ID, globlib.escape(subject) if subject is not None else "*")
     return sorted(p for p in dataset_dir.glob(glob) if not any(part.startswith(".") for part in p.relative_to(dataset_dir).parts))
 
 
