@@ -12,6 +12,7 @@ from . import (  # noqa: F401  (config expressions refer to them as ``scripts.<m
     postprocessing,
     reporting,
     scoring,
+    token_cache,
     tokenizer,
     transforms,
     workflow,

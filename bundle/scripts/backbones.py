@@ -62,6 +62,7 @@ class SliceEncoder(nn.Module):
             (raw intensities, where the magnitude is the signal).
         pretrained: whether real pretrained weights were loaded.
         warning: why this encoder is not the one that was asked for (empty when it is).
+        source: the checkpoint file the weights came from (empty when there are none).
     """
 
     name: str
@@ -71,6 +72,7 @@ class SliceEncoder(nn.Module):
     normalize: bool
     pretrained: bool
     warning: str = ""
+    source: str = ""
 
     def freeze(self) -> SliceEncoder:
         for p in self.parameters():
@@ -303,4 +305,6 @@ def create_backbone(
     blocks = evenly_spaced_blocks(depth, num_blocks) if isinstance(num_blocks, int) else list(num_blocks)
     if not all(0 <= b < depth for b in blocks):
         raise ValueError(f"block indices {blocks} out of range for a ViT with {depth} blocks")
-    return ViTSliceEncoder(model, name=name, blocks=blocks, pretrained=pretrained)
+    encoder = ViTSliceEncoder(model, name=name, blocks=blocks, pretrained=pretrained)
+    encoder.source = str(path) if pretrained else ""
+    return encoder

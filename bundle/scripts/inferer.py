@@ -71,23 +71,28 @@ class CohortInferer(Inferer):
         return coverage >= self.min_token_coverage
 
     @torch.inference_mode()
-    def score(self, tokens: torch.Tensor, valid: torch.Tensor, num_groups: int) -> torch.Tensor:
-        """Token scores ``(N, d, h, w)``: mutual scores averaged over the groups (axes x blocks), NaN if unscored.
+    def score(
+        self, tokens: torch.Tensor, valid: torch.Tensor, num_groups: int, subjects: list[int] | None = None
+    ) -> torch.Tensor:
+        """Token scores ``(S, d, h, w)``: mutual scores averaged over the groups (axes x blocks), NaN if unscored.
 
         Args:
             tokens: ``(N, G * C, d, h, w)`` stacked tokens of the cohort.
             valid: ``(N, d, h, w)`` bool token validity.
             num_groups: G, the number of (axis, block) groups in the channel dimension.
+            subjects: indices of the S subjects to score (default all N); every subject is a reference.
         """
         device = self.device or tokens.device
         n, gc, *grid = tokens.shape
         groups = tokens.view(n, num_groups, gc // num_groups, *grid)
         valid = valid.to(device)
-        total = torch.zeros(n, *grid, device=device)
-        count = torch.zeros(n, *grid, device=device)
+        rows = n if subjects is None else len(subjects)
+        total = torch.zeros(rows, *grid, device=device)
+        count = torch.zeros(rows, *grid, device=device)
         for g in tqdm(range(num_groups), desc="scoring (axis x block)", disable=not self.progress, leave=False):
             s = mutual_scores(
-                groups[:, g].to(device).float(), valid, self.alpha, self.matching, self.window, self.budget_bytes
+                groups[:, g].to(device).float(), valid, self.alpha, self.matching, self.window, self.budget_bytes,
+                subjects,
             )
             finite = torch.isfinite(s)
             total += torch.where(finite, s, 0.0)

@@ -36,9 +36,11 @@ from .outputs import (
 )
 from .overview import save_overview
 from .reporting import banner
+from .scoring import robust_threshold
+from .token_cache import TokenCache
 from .tokenizer import MultiAxisTokenizer
 
-__all__ = ["CohortError", "CohortRunner", "SCORE_FIELDS"]
+__all__ = ["CohortError", "CohortRunner", "Encoded", "RunReport", "SCORE_FIELDS"]
 
 logger = logging.getLogger(__name__)
 SCORE_FIELDS = ("subject", "subject_score", "lesion_volume_ml", "image")
@@ -50,7 +52,9 @@ class CohortError(RuntimeError):
 
 
 @dataclass
-class _Encoded:
+class Encoded:
+    """One subject's tokens ``(G * C, d, h, w)`` and token validity ``(d, h, w)``."""
+
     subject: dict[str, str]
     tokens: torch.Tensor
     valid: torch.Tensor
@@ -84,6 +88,7 @@ class CohortRunner:
         settings: the public configuration, recorded in ``run.json``.
         overview: write the ``<id>_overview.png`` figures.
         progress: show progress bars.
+        cache: token cache; subjects found there are not preprocessed or encoded again.
     """
 
     def __init__(
@@ -102,6 +107,7 @@ class CohortRunner:
         settings: Mapping[str, Any] | None = None,
         overview: bool = True,
         progress: bool = True,
+        cache: TokenCache | None = None,
     ) -> None:
         self.dataset_dir = dataset_dir
         self.output_dir = Path(output_dir)
@@ -117,10 +123,9 @@ class CohortRunner:
         self.settings = dict(settings or {})
         self.overview = overview
         self.progress = progress
+        self.cache = cache or TokenCache(None, {})
 
     def run(self) -> RunReport:
-        from .scoring import robust_threshold
-
         report = RunReport()
         start = time.perf_counter()
         note = backbone_note(self.network.encoder)
@@ -131,7 +136,7 @@ class CohortRunner:
         self._log_problems(report.problems)
 
         tick = time.perf_counter()
-        encoded = self._encode(subjects, report)
+        encoded = self.encode(subjects, report.problems)
         report.timings["encode_s"] = time.perf_counter() - tick
         if len(encoded) < MIN_SUBJECTS:
             raise CohortError(
@@ -151,7 +156,7 @@ class CohortRunner:
             list(zip(encoded, scores)), desc="writing", disable=not self.progress, leave=False
         ):
             try:
-                report.subjects.append(self._write_subject(e.subject, token_scores, report.threshold))
+                report.subjects.append(self.write_subject(e.subject, token_scores, report.threshold))
             except Exception as err:  # one subject's failure must not lose the others' results
                 report.problems.append(f"{e.subject['subject']} ({e.subject['image']}): writing failed: {root_cause(err)}")
                 logger.error(report.problems[-1])
@@ -160,28 +165,39 @@ class CohortRunner:
         self._write_cohort_files(report)
         return report
 
-    def _encode(self, subjects: list[dict[str, str]], report: RunReport) -> list[_Encoded]:
+    def encode(self, subjects: list[dict[str, str]], problems: list[str]) -> list[Encoded]:
+        """Tokens of each subject, from the cache or freshly encoded; failures go to ``problems`` and are skipped."""
         encoded = []
         for subject in tqdm(subjects, desc="encoding", disable=not self.progress):
             try:
-                data = self.preprocessing(dict(subject))
-                tokens = self.inferer.encode(data["image"], self.network)
-                valid = self.inferer.token_validity(data["mask"], self.network.slice_depth)
-                if not bool(valid.any()):
+                entry = self.cache.load(subject) or self._encode_subject(subject)
+                if not bool(entry["valid"].any()):
                     raise ValueError("the mask covers no token of the common grid (mask too small or too thin)")
             except Exception as err:
-                report.problems.append(f"{subject['subject']} ({subject['image']}): {root_cause(err)}")
-                logger.error("skipping subject %s", report.problems[-1])
+                problems.append(f"{subject['subject']} ({subject['image']}): {root_cause(err)}")
+                logger.error("skipping subject %s", problems[-1])
                 continue
-            encoded.append(_Encoded(subject, tokens, valid))
+            encoded.append(Encoded(subject, entry["tokens"], entry["valid"]))
         return encoded
 
-    def _write_subject(self, subject: dict[str, str], token_scores: torch.Tensor, threshold: float) -> dict[str, Any]:
+    def _encode_subject(self, subject: dict[str, str]) -> dict[str, torch.Tensor]:
+        data = self.preprocessing(dict(subject))
+        entry = {
+            "tokens": self.inferer.encode(data["image"], self.network),
+            "valid": self.inferer.token_validity(data["mask"], self.network.slice_depth),
+        }
+        self.cache.save(subject, entry)
+        return entry
+
+    def write_subject(
+        self, subject: dict[str, str], token_scores: torch.Tensor, threshold: float, output_dir: str | Path | None = None
+    ) -> dict[str, Any]:
+        """Map one subject's token scores to its original space, write its files, return its ``scores.csv`` row."""
         data = self.preprocessing(dict(subject))
         data["anomaly"] = token_scores[None]
         data["threshold"] = threshold
         data = self.postprocessing(data)
-        files = subject_files(self.output_dir, subject["subject"])
+        files = subject_files(output_dir or self.output_dir, subject["subject"])
         heat, binary = data["anomaly"], data["anomaly_mask"]
         write_nifti(heat, files["anomaly"], np.float32)
         write_nifti(binary, files["anomaly_mask"], np.uint8)
@@ -223,6 +239,7 @@ class CohortRunner:
                 },
                 "threshold": {**self.threshold, "score": report.threshold},
                 "subjects_written": len(report.subjects),
+                "token_cache": {"dir": str(self.cache.cache_dir or ""), "hits": self.cache.hits, "misses": self.cache.misses},
                 "problems": report.problems,
                 "timings_s": report.timings,
                 "versions": _versions(),

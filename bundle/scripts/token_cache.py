@@ -1,0 +1,107 @@
+"""On-disk cache of subject tokens, so re-running a cohort (or adding subjects) only encodes what is new.
+
+One file per subject, named by a key that hashes the subject's input files (content, not names or
+dates) and everything that shaped the tokens (backbone and its weights, grid, preprocessing, projection
+seed, ...). A changed image, mask or setting gives another key, so a stale entry is never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .outputs import atomic_path
+
+__all__ = ["TokenCache", "file_digest", "token_fingerprint"]
+
+logger = logging.getLogger(__name__)
+FORMAT_VERSION = 1  # bump when the cached content changes meaning
+
+
+def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file, or of all files below a folder (a DICOM series), in name order."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.relative_to(path).as_posix().encode() if path.is_dir() else b"")
+        with open(f, "rb") as handle:
+            while block := handle.read(chunk):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+# run settings that act after tokenization: changing them must not invalidate cached tokens
+SCORING_ONLY = frozenset(
+    {"dataset_dir", "output_dir", "image_pattern", "mask_pattern", "matching", "window", "alpha", "device",
+     "threshold_method", "threshold_value", "top_fraction", "weights_path"}
+)
+
+
+def token_fingerprint(settings: Mapping[str, Any], encoder: Any) -> dict[str, Any]:
+    """What shapes the tokens: every run setting except the scoring-only ones, and the encoder's identity.
+
+    The weights are identified by file size and modification time rather than a hash of gigabytes.
+    """
+    source = Path(encoder.source) if getattr(encoder, "source", "") else None
+    weights = f"{source.resolve()}:{source.stat().st_size}:{source.stat().st_mtime_ns}" if source else ""
+    kept = {k: v for k, v in settings.items() if k not in SCORING_ONLY}
+    return {**kept, "encoder": encoder.name, "pretrained": encoder.pretrained, "weights": weights}
+
+
+class TokenCache:
+    """Tokens and token validity of each subject, stored under ``cache_dir``.
+
+    Args:
+        cache_dir: folder of the cache; ``None`` or ``""`` disables caching.
+        fingerprint: JSON-serialisable description of everything that shapes the tokens.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike | None, fingerprint: Mapping[str, Any]) -> None:
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        blob = json.dumps({"format": FORMAT_VERSION, **fingerprint}, sort_keys=True, default=str)
+        self.fingerprint = hashlib.sha256(blob.encode()).hexdigest()
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.cache_dir is not None
+
+    def key(self, subject: Mapping[str, str]) -> str:
+        parts = [self.fingerprint] + [file_digest(subject[k]) for k in ("image", "mask") if subject.get(k)]
+        return hashlib.sha256("/".join(parts).encode()).hexdigest()
+
+    def path(self, subject: Mapping[str, str]) -> Path:
+        assert self.cache_dir is not None
+        return self.cache_dir / f"{subject['subject']}-{self.key(subject)[:32]}.pt"
+
+    def load(self, subject: Mapping[str, str]) -> dict[str, torch.Tensor] | None:
+        """The cached entry (``tokens``, ``valid``, ...) of ``subject``, or ``None``."""
+        if not self.enabled:
+            return None
+        path = self.path(subject)
+        if not path.is_file():
+            self.misses += 1
+            return None
+        try:
+            entry = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # a damaged entry is a miss, not a failure
+            logger.warning("ignoring unreadable token cache entry %s: %s", path, err)
+            self.misses += 1
+            return None
+        self.hits += 1
+        return entry
+
+    def save(self, subject: Mapping[str, str], entry: Mapping[str, torch.Tensor]) -> None:
+        if not self.enabled:
+            return
+        with atomic_path(self.path(subject)) as tmp:
+            torch.save(dict(entry), tmp)
