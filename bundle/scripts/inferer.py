@@ -6,7 +6,8 @@ nothing about the cohort, and the inferer knows nothing about how a volume becom
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,8 @@ from monai.inferers import Inferer
 from torch import nn
 from tqdm.auto import tqdm
 
-from .scoring import MATCHING_MODES, mutual_scores
+from .postprocessing import upsample_parts
+from .scoring import MATCHING_MODES, fine_scores, mutual_scores
 
 __all__ = ["CohortInferer"]
 
@@ -33,6 +35,9 @@ class CohortInferer(Inferer):
         memory_budget_mb: bound on the temporary memory of the distance computations.
         device: where scoring runs (default: where the tokens are).
         progress: show progress bars.
+        fine_margin: coarse-to-fine only: fine tokens searched beyond the matched coarse token, along the
+            slice axis, on either side.
+        fusion: coarse-to-fine only: ``"mean"`` or ``"max"`` of the coarse and fine robust z-score maps.
     """
 
     def __init__(
@@ -44,6 +49,8 @@ class CohortInferer(Inferer):
         memory_budget_mb: float = 256,
         device: str | torch.device | None = None,
         progress: bool = True,
+        fine_margin: int = 1,
+        fusion: str = "mean",
     ) -> None:
         super().__init__()
         if matching not in MATCHING_MODES:
@@ -55,8 +62,12 @@ class CohortInferer(Inferer):
         self.alpha = alpha
         self.min_token_coverage = min_token_coverage
         self.budget_bytes = int(memory_budget_mb * 2**20)
+        if fusion not in ("mean", "max"):
+            raise ValueError(f"fusion must be 'mean' or 'max', got {fusion!r}")
         self.device = device
         self.progress = progress
+        self.fine_margin = fine_margin
+        self.fusion = fusion
 
     @torch.inference_mode()
     def encode(self, volume: torch.Tensor, network: nn.Module) -> torch.Tensor:
@@ -64,7 +75,22 @@ class CohortInferer(Inferer):
         x = volume.as_tensor() if isinstance(volume, MetaTensor) else volume
         return network(x[None].to(_device_of(network)))[0].cpu()
 
-    def token_validity(self, mask: torch.Tensor, token_size: int) -> torch.Tensor:
+    @torch.inference_mode()
+    def encode_subject(self, volume: torch.Tensor, mask: torch.Tensor, network: nn.Module) -> dict[str, Any]:
+        """All that scoring needs of one subject: ``tokens`` and ``valid``, plus ``fine`` and ``fine_valid``
+        (one entry per axis, fine tokens kept in float16) when the network makes fine tokens."""
+        x = volume.as_tensor() if isinstance(volume, MetaTensor) else volume
+        out = network.tokenize(x[None].to(_device_of(network)))
+        entry: dict[str, Any] = {
+            "tokens": out["tokens"][0].cpu(),
+            "valid": self.token_validity(mask, network.slice_depth),
+        }
+        if "fine" in out:
+            entry["fine"] = [f[0].to(torch.float16).cpu() for f in out["fine"]]
+            entry["fine_valid"] = [self.token_validity(mask, _fine_kernel(network, axis)) for axis in network.axes]
+        return entry
+
+    def token_validity(self, mask: torch.Tensor, token_size: int | tuple[int, int, int]) -> torch.Tensor:
         """Which tokens of a ``(1, D, H, W)`` mask are covered enough to be scored and matched."""
         plain = mask.as_tensor() if isinstance(mask, MetaTensor) else mask
         coverage = F.avg_pool3d((plain > 0.5).float()[None], token_size)[0, 0]
@@ -99,6 +125,66 @@ class CohortInferer(Inferer):
             count += finite
         return torch.where(count > 0, total / count.clamp(min=1), torch.nan).cpu()
 
+    @torch.inference_mode()
+    def score_entries(
+        self, entries: Sequence[Mapping[str, Any]], network: nn.Module, subjects: list[int] | None = None
+    ) -> torch.Tensor:
+        """Scores of the subjects described by ``entries`` (what :meth:`encode_subject` returns).
+
+        Coarse tokens only: token scores ``(S, d, h, w)`` (distances). With fine tokens: coarse-to-fine
+        scores ``(S, d * r, h * r, w * r)`` with r = slice_depth / fine_depth: the fine pass compares each
+        fine token only with the subjects and positions the coarse pass selected, then both maps are made
+        robust z-scores over the subject's own tokens (median, 1.4826 MAD) and fused (``fusion``).
+        """
+        tokens = torch.stack([e["tokens"] for e in entries])
+        valid = torch.stack([e["valid"] for e in entries])
+        if "fine" not in entries[0]:
+            return self.score(tokens, valid, network.num_groups, subjects)
+        return self._score_coarse_to_fine(tokens, valid, entries, network, subjects)
+
+    def _score_coarse_to_fine(self, tokens, valid, entries, network, subjects) -> torch.Tensor:
+        device = self.device or tokens.device
+        n, gc, *grid = tokens.shape
+        groups = tokens.view(n, network.num_groups, network.channels, *grid)
+        valid = valid.to(device)
+        rows = list(range(n)) if subjects is None else list(subjects)
+        r = network.slice_depth // network.fine_depth
+        frame = [size * r for size in grid]
+        per_axis = network.encoder.num_outputs
+        fine = [torch.stack([e["fine"][a] for e in entries]) for a in range(len(network.axes))]
+        fine_valid = [torch.stack([e["fine_valid"][a] for e in entries]).to(device) for a in range(len(network.axes))]
+        coarse_sum = torch.zeros(len(rows), *grid, device=device)
+        coarse_count = torch.zeros(len(rows), *grid, device=device)
+        fine_num = torch.zeros(len(rows), *frame, device=device)
+        fine_den = torch.zeros(len(rows), *frame, device=device)
+        for g in tqdm(range(network.num_groups), desc="scoring coarse-to-fine", disable=not self.progress, leave=False):
+            s, chosen, matched = mutual_scores(
+                groups[:, g].to(device).float(), valid, self.alpha, self.matching, self.window, self.budget_bytes,
+                rows, return_selection=True,
+            )
+            finite = torch.isfinite(s)
+            coarse_sum += torch.where(finite, s, 0.0)
+            coarse_count += finite
+            a, b = divmod(g, per_axis)
+            block = fine[a][:, b * network.channels : (b + 1) * network.channels].to(device)
+            for row, i in enumerate(rows):
+                f = fine_scores(block[i], fine_valid[a][i], block, fine_valid[a], chosen[row], matched[row],
+                                network.axes[a], self.fine_margin, self.budget_bytes)
+                num, den = upsample_parts(f, frame)
+                fine_num[row] += num
+                fine_den[row] += den
+        coarse = torch.where(coarse_count > 0, coarse_sum / coarse_count.clamp(min=1), torch.nan)
+        fused = []
+        for row in range(len(rows)):
+            num, den = upsample_parts(_robust_z(coarse[row]), frame)
+            coarse_up = torch.where(den > 1e-6, num / den.clamp(min=1e-6), torch.nan)
+            fine_map = _robust_z(torch.where(fine_den[row] > 1e-6, fine_num[row] / fine_den[row].clamp(min=1e-6), torch.nan))
+            stacked = torch.stack([coarse_up, fine_map])
+            reduced = stacked.nanmean(0) if self.fusion == "mean" else torch.where(
+                torch.isnan(stacked), -torch.inf, stacked).amax(0)
+            fused.append(torch.where(torch.isfinite(reduced), reduced, torch.nan))
+        return torch.stack(fused).cpu()
+
     def __call__(  # type: ignore[override]
         self, inputs: Sequence[torch.Tensor], network: nn.Module, masks: Sequence[torch.Tensor]
     ) -> torch.Tensor:
@@ -109,6 +195,23 @@ class CohortInferer(Inferer):
         tokens = torch.stack([self.encode(v, network) for v in inputs])
         valid = torch.stack([self.token_validity(m, network.slice_depth) for m in masks])
         return self.score(tokens, valid, network.num_groups)[:, None]
+
+
+def _fine_kernel(network: nn.Module, axis: int) -> tuple[int, int, int]:
+    """Voxels a fine token of ``axis`` covers: fine_depth slices by one patch."""
+    kernel = [network.slice_depth] * 3
+    kernel[axis] = network.fine_depth
+    return tuple(kernel)
+
+
+def _robust_z(scores: torch.Tensor) -> torch.Tensor:
+    """(scores - median) / (1.4826 MAD) over the finite values: puts coarse and fine maps on one scale."""
+    finite = scores[torch.isfinite(scores)]
+    if finite.numel() == 0:
+        return scores
+    median = finite.median()
+    mad = (finite - median).abs().median() * 1.4826
+    return (scores - median) / mad.clamp(min=1e-12)
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -15,7 +15,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-__all__ = ["upsample_scores", "TokenScoresToVoxelsd", "MaskOutsided", "ThresholdFromKeyd"]
+__all__ = ["upsample_scores", "upsample_parts", "TokenScoresToVoxelsd", "MaskOutsided", "ThresholdFromKeyd"]
 
 
 def upsample_scores(scores: torch.Tensor, spatial_shape: tuple[int, ...]) -> torch.Tensor:
@@ -24,11 +24,20 @@ def upsample_scores(scores: torch.Tensor, spatial_shape: tuple[int, ...]) -> tor
     Normalised convolution: values and validity are interpolated separately and divided, so unscored
     tokens neither spread NaN nor pull their neighbours towards zero.
     """
+    num, den = upsample_parts(scores, spatial_shape)
+    return torch.where(den > 1e-6, num / den.clamp(min=1e-6), 0.0)
+
+
+def upsample_parts(scores: torch.Tensor, spatial_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Numerator and weight of the normalised-convolution upsampling of a score grid with NaN holes.
+
+    Summing the parts of several maps before dividing averages them where each has support.
+    """
     valid = torch.isfinite(scores).float()[None, None]
     values = torch.nan_to_num(scores.float(), nan=0.0)[None, None]
-    num = F.interpolate(values, size=spatial_shape, mode="trilinear", align_corners=False)
-    den = F.interpolate(valid, size=spatial_shape, mode="trilinear", align_corners=False)
-    return torch.where(den > 1e-6, num / den.clamp(min=1e-6), 0.0)[0, 0]
+    num = F.interpolate(values, size=tuple(spatial_shape), mode="trilinear", align_corners=False)
+    den = F.interpolate(valid, size=tuple(spatial_shape), mode="trilinear", align_corners=False)
+    return num[0, 0], den[0, 0]
 
 
 class TokenScoresToVoxelsd(MapTransform):

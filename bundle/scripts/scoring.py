@@ -22,6 +22,7 @@ __all__ = [
     "nearest_distances_global",
     "mean_of_closest",
     "mutual_scores",
+    "fine_scores",
     "robust_threshold",
 ]
 
@@ -43,8 +44,9 @@ def window_offsets(radius: int) -> list[tuple[int, int, int]]:
 
 
 def nearest_distances_window(
-    query: torch.Tensor, refs: torch.Tensor, ref_valid: torch.Tensor, radius: int, budget_bytes: int = 256 << 20
-) -> torch.Tensor:
+    query: torch.Tensor, refs: torch.Tensor, ref_valid: torch.Tensor, radius: int, budget_bytes: int = 256 << 20,
+    return_match: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Distance from each query token to the nearest valid reference token within +-``radius`` positions.
 
     Args:
@@ -53,33 +55,50 @@ def nearest_distances_window(
         ref_valid: ``(M, X, Y, Z)`` bool, which reference tokens may be matched.
         radius: half-width of the search window, in grid positions.
         budget_bytes: bound on the temporary memory; references are processed in chunks that fit it.
+        return_match: also return where the nearest token is.
 
     Returns:
-        ``(M, X, Y, Z)`` L2 distances, ``inf`` where the window holds no valid reference token.
+        ``(M, X, Y, Z)`` L2 distances, ``inf`` where the window holds no valid reference token; with
+        ``return_match``, also the flat grid index of the matched reference token (``(M, X, Y, Z)``, long).
     """
     m, c, *grid = refs.shape
     n_tokens = math.prod(grid)
     per_ref = 3 * c * n_tokens * _BYTES  # shifted view copy, difference, squared difference
     chunk = max(1, budget_bytes // per_ref)
     pad = (radius,) * 6
-    out = []
+    offsets = window_offsets(radius)
+    out, where = [], []
     for start in range(0, m, chunk):
         block = F.pad(refs[start : start + chunk], pad)
         valid = F.pad(ref_valid[start : start + chunk], pad, value=False)
         best = torch.full((block.shape[0], *grid), math.inf, device=refs.device)
-        for dx, dy, dz in window_offsets(radius):
+        best_offset = torch.zeros((block.shape[0], *grid), dtype=torch.long, device=refs.device)
+        for o, (dx, dy, dz) in enumerate(offsets):
             sl = (slice(radius + dx, radius + dx + grid[0]), slice(radius + dy, radius + dy + grid[1]),
                   slice(radius + dz, radius + dz + grid[2]))
             dist = (block[(slice(None), slice(None), *sl)] - query).square_().sum(1)
             dist = torch.where(valid[(slice(None), *sl)], dist, math.inf)
+            if return_match:
+                best_offset[dist < best] = o
             torch.minimum(best, dist, out=best)
         out.append(best.sqrt_())
-    return torch.cat(out)
+        where.append(best_offset)
+    distances = torch.cat(out)
+    if not return_match:
+        return distances
+    shift = torch.tensor(offsets, device=refs.device)[torch.cat(where)]  # (M, X, Y, Z, 3)
+    position = torch.stack(torch.meshgrid(*(torch.arange(n, device=refs.device) for n in grid), indexing="ij"), -1)
+    matched = (position + shift).clamp(min=0)
+    for axis, n in enumerate(grid):
+        matched[..., axis].clamp_(max=n - 1)
+    flat = (matched[..., 0] * grid[1] + matched[..., 1]) * grid[2] + matched[..., 2]
+    return distances, flat
 
 
 def nearest_distances_global(
-    query: torch.Tensor, refs: torch.Tensor, ref_valid: torch.Tensor, budget_bytes: int = 256 << 20
-) -> torch.Tensor:
+    query: torch.Tensor, refs: torch.Tensor, ref_valid: torch.Tensor, budget_bytes: int = 256 << 20,
+    return_match: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Distance from each query token to the nearest valid token of each reference subject, anywhere.
 
     Args:
@@ -87,21 +106,27 @@ def nearest_distances_global(
         refs: ``(M, T', C)`` tokens of M reference subjects.
         ref_valid: ``(M, T')`` bool, which reference tokens may be matched.
         budget_bytes: bound on the distance block held at once (query rows x reference tokens).
+        return_match: also return where the nearest token is.
 
     Returns:
-        ``(M, T)`` L2 distances, ``inf`` for a reference subject without valid tokens.
+        ``(M, T)`` L2 distances, ``inf`` for a reference subject without valid tokens; with ``return_match``,
+        also the index (into T') of the matched reference token (``(M, T)``, long).
     """
     t = query.shape[0]
     out = torch.full((refs.shape[0], t), math.inf, device=query.device)
+    matched = torch.zeros((refs.shape[0], t), dtype=torch.long, device=query.device)
     for j in range(refs.shape[0]):
-        candidates = refs[j][ref_valid[j]]
+        index = ref_valid[j].nonzero()[:, 0]
+        candidates = refs[j][index]
         if candidates.shape[0] == 0:
             continue
         rows = max(1, budget_bytes // (2 * candidates.shape[0] * _BYTES))
         for start in range(0, t, rows):
             d = torch.cdist(query[start : start + rows], candidates, compute_mode="donot_use_mm_for_euclid_dist")
-            out[j, start : start + rows] = d.min(dim=1).values
-    return out
+            nearest = d.min(dim=1)
+            out[j, start : start + rows] = nearest.values
+            matched[j, start : start + rows] = index[nearest.indices]
+    return (out, matched) if return_match else out
 
 
 def mean_of_closest(distances: torch.Tensor, k: int) -> torch.Tensor:
@@ -122,7 +147,8 @@ def mutual_scores(
     radius: int = 1,
     budget_bytes: int = 256 << 20,
     subjects: list[int] | None = None,
-) -> torch.Tensor:
+    return_selection: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Score every token of every subject against the other subjects of the cohort.
 
     Args:
@@ -133,9 +159,13 @@ def mutual_scores(
         radius: window half-width in grid positions (``window`` mode only).
         budget_bytes: bound on the temporary memory of the distance computation.
         subjects: indices of the subjects to score (default: all); the others still serve as references.
+        return_selection: also return, per scored token, the k closest subjects and where their match is
+            (what the fine pass of coarse-to-fine scoring compares against).
 
     Returns:
-        ``(len(subjects), X, Y, Z)`` scores, NaN for invalid tokens and tokens with no valid match.
+        ``(S, X, Y, Z)`` scores, NaN for invalid tokens and tokens with no valid match; with
+        ``return_selection`` also ``(S, k, X, Y, Z)`` subject indices and ``(S, k, X, Y, Z)`` flat grid
+        indices of the matched tokens.
     """
     if matching not in MATCHING_MODES:
         raise ValueError(f"matching must be one of {MATCHING_MODES}, got {matching!r}")
@@ -145,16 +175,93 @@ def mutual_scores(
     k = num_closest(alpha, n)
     grid = tokens.shape[2:]
     flat = tokens.flatten(2).transpose(1, 2) if matching == "global" else None  # (N, T, C)
-    scores = []
+    scores, chosen, matches = [], [], []
     for i in range(n) if subjects is None else subjects:
-        others = [j for j in range(n) if j != i]
+        others = torch.tensor([j for j in range(n) if j != i], device=tokens.device)
         if flat is None:
-            d = nearest_distances_window(tokens[i], tokens[others], valid[others], radius, budget_bytes)
+            d, where = nearest_distances_window(tokens[i], tokens[others], valid[others], radius, budget_bytes, True)
         else:
-            d = nearest_distances_global(flat[i], flat[others], valid[others].flatten(1), budget_bytes).view(-1, *grid)
+            d, where = nearest_distances_global(flat[i], flat[others], valid[others].flatten(1), budget_bytes, True)
+            d, where = d.view(-1, *grid), where.view(-1, *grid)
         s = mean_of_closest(d, k)
         scores.append(torch.where(valid[i], s, math.nan))
+        if return_selection:
+            closest = d.topk(min(k, d.shape[0]), dim=0, largest=False).indices
+            chosen.append(others[closest])
+            matches.append(where.gather(0, closest))
+    if return_selection:
+        return torch.stack(scores), torch.stack(chosen), torch.stack(matches)
     return torch.stack(scores)
+
+
+def fine_scores(
+    query: torch.Tensor,
+    query_valid: torch.Tensor,
+    refs: torch.Tensor,
+    ref_valid: torch.Tensor,
+    chosen: torch.Tensor,
+    matched: torch.Tensor,
+    axis: int,
+    margin: int = 1,
+    budget_bytes: int = 256 << 20,
+) -> torch.Tensor:
+    """Fine-token scores of one subject, matched only where the coarse pass pointed.
+
+    Fine tokens pool fewer slices, so along ``axis`` each coarse token holds ``r`` fine tokens. A fine token
+    of the query is compared with the fine tokens inside the coarse token that the coarse pass matched in
+    each of the k closest subjects (plus ``margin`` fine tokens on either side along ``axis``); its score
+    is the mean over those subjects of the distance to the nearest one. No exhaustive fine matching.
+
+    Args:
+        query: ``(C, *fine_grid)`` fine tokens of the scored subject; ``fine_grid`` is the coarse grid with
+            the ``axis`` dimension multiplied by r.
+        query_valid: ``(*fine_grid)`` bool.
+        refs: ``(N, C, *fine_grid)`` fine tokens of all subjects; ref_valid: ``(N, *fine_grid)`` bool.
+        chosen: ``(k, X, Y, Z)`` subject indices (into ``refs``) the coarse pass selected per coarse token.
+        matched: ``(k, X, Y, Z)`` flat coarse-grid index of the matched token in each chosen subject.
+        axis: the slice axis (0, 1, 2) along which these fine tokens are finer.
+        margin: extra fine tokens searched on either side along ``axis``.
+        budget_bytes: bound on the gathered reference block held at once.
+
+    Returns:
+        ``(*fine_grid)`` scores, NaN where the fine token is invalid or nothing valid was matched.
+    """
+    k, *coarse = chosen.shape
+    r = query.shape[1 + axis] // coarse[axis]
+    c = query.shape[0]
+    # put the slice axis first: (N, C, A*r, P, Q) -> padded (N, A*r + 2m, P, Q, C)
+    refs_a = F.pad(refs.movedim(2 + axis, 2), (0, 0, 0, 0, margin, margin)).permute(0, 2, 3, 4, 1)
+    valid_a = F.pad(ref_valid.movedim(1 + axis, 1), (0, 0, 0, 0, margin, margin), value=False)
+    plane = [n for a, n in enumerate(coarse) if a != axis]
+    t = math.prod(coarse)
+    # coarse coordinates of every coarse token and of its matches, slice axis first
+    def split(flat_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        coords = torch.stack(torch.unravel_index(flat_index, tuple(coarse)), -1)
+        other = [a for a in range(3) if a != axis]
+        return coords[..., axis], coords[..., other[0]], coords[..., other[1]]
+
+    # coarse tokens are enumerated slice axis first, (A, P, Q), here and in q / out below
+    m_a, m_p, m_q = split(matched.movedim(1 + axis, 1).reshape(k, t).T)  # (T, k)
+    subj = chosen.movedim(1 + axis, 1).reshape(k, t).T
+    window = torch.arange(r + 2 * margin, device=query.device)
+    q = query.movedim(1 + axis, 1).reshape(c, coarse[axis], r, *plane).permute(1, 3, 4, 2, 0).reshape(t, r, c)
+    q_ok = query_valid.movedim(axis, 0).reshape(coarse[axis], r, *plane).permute(0, 2, 3, 1).reshape(t, r)
+    out = torch.full((t, r), math.nan, device=query.device)
+    rows = max(1, budget_bytes // (3 * k * (r + 2 * margin) * c * _BYTES))
+    for start in range(0, t, rows):
+        sl = slice(start, start + rows)
+        a_idx = (m_a[sl] * r)[..., None] + window  # (t, k, w) indices into the padded slice axis
+        gather = (subj[sl][..., None], a_idx, m_p[sl][..., None], m_q[sl][..., None])
+        cand = refs_a[gather].float()  # (t, k, w, C)
+        ok = valid_a[gather]  # (t, k, w)
+        d = torch.cdist(q[sl].float(), cand.flatten(1, 2), compute_mode="donot_use_mm_for_euclid_dist")
+        d = d.view(d.shape[0], r, k, -1).masked_fill(~ok[:, None], math.inf).amin(-1)  # (t, r, k)
+        finite = torch.isfinite(d)
+        mean = torch.where(finite, d, 0.0).sum(-1) / finite.sum(-1).clamp(min=1)
+        out[sl] = torch.where(finite.any(-1) & q_ok[sl], mean, math.nan)
+    # back to (*fine_grid): (T, r) -> (A, P, Q, r) -> (A, r, P, Q) -> axis in place
+    fine = out.view(coarse[axis], *plane, r).permute(0, 3, 1, 2).reshape(coarse[axis] * r, *plane)
+    return fine.movedim(0, axis)
 
 
 def robust_threshold(scores: torch.Tensor, method: str = "mad", value: float = 3.0) -> float:

@@ -41,7 +41,7 @@ def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 # run settings that act after tokenization: changing them must not invalidate cached tokens
 SCORING_ONLY = frozenset(
     {"dataset_dir", "output_dir", "image_pattern", "mask_pattern", "matching", "window", "alpha", "device",
-     "threshold_method", "threshold_value", "top_fraction", "weights_path"}
+     "threshold_method", "threshold_value", "top_fraction", "weights_path", "fine_margin", "fusion"}
 )
 
 

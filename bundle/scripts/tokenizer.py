@@ -36,6 +36,8 @@ class MultiAxisTokenizer(nn.Module):
         seed: seed of the projection matrices.
         slice_batch: slices per encoder call; bounds activation memory.
         amp: run the encoder under bfloat16 autocast (on CUDA this is the fast path; on CPU it works too).
+        fine_depth: slices pooled into a fine token (coarse-to-fine tokenization), or ``None`` for coarse
+            tokens only. Must divide ``slice_depth``; fine tokens come from the same encoder pass.
     """
 
     def __init__(
@@ -47,6 +49,7 @@ class MultiAxisTokenizer(nn.Module):
         seed: int = 0,
         slice_batch: int = 32,
         amp: bool = False,
+        fine_depth: int | None = None,
     ) -> None:
         super().__init__()
         if slice_depth != encoder.patch_size:
@@ -56,6 +59,9 @@ class MultiAxisTokenizer(nn.Module):
             )
         if not axes or any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
             raise ValueError(f"axes must be distinct values from (0, 1, 2), got {axes}")
+        if fine_depth is not None and (fine_depth < 1 or slice_depth % fine_depth):
+            raise ValueError(f"fine_depth ({fine_depth}) must divide slice_depth ({slice_depth})")
+        self.fine_depth = fine_depth
         self.encoder = encoder
         self.axes = tuple(int(a) for a in axes)
         self.slice_depth = slice_depth
@@ -90,23 +96,37 @@ class MultiAxisTokenizer(nn.Module):
 
     @torch.inference_mode()
     def forward(self, volume: torch.Tensor) -> torch.Tensor:
+        return self.tokenize(volume)["tokens"]
+
+    @torch.inference_mode()
+    def tokenize(self, volume: torch.Tensor) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        """Coarse tokens ``tokens`` and, with ``fine_depth``, ``fine``: one ``(B, L * C, *grid_a)`` per axis,
+        where ``grid_a`` is the coarse grid with axis a made ``slice_depth / fine_depth`` times finer."""
         if volume.ndim != 5 or volume.shape[1] != 1:
             raise ValueError(f"expected a (B, 1, D, H, W) volume, got shape {tuple(volume.shape)}")
         self.token_grid(volume.shape[2:])
-        return torch.stack([self._tokenize(v[0]) for v in volume])
+        per_volume = [self._tokenize(v[0]) for v in volume]
+        out: dict[str, torch.Tensor | list[torch.Tensor]] = {"tokens": torch.stack([t for t, _ in per_volume])}
+        if self.fine_depth is not None:
+            out["fine"] = [torch.stack([f[a] for _, f in per_volume]) for a in range(len(self.axes))]
+        return out
 
-    def _tokenize(self, volume: torch.Tensor) -> torch.Tensor:
-        outputs = []
+    def _tokenize(self, volume: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        coarse, fine = [], []
         for a, axis in enumerate(self.axes):
             slices = volume.movedim(axis, 0).unsqueeze(1).float()  # (S, 1, h, w)
             per_block = self._encode_slices(slices, group_offset=a * self.encoder.num_outputs)
-            for feats in per_block:  # (S, C, h/p, w/p)
-                pooled = F.avg_pool1d(
-                    feats.permute(1, 2, 3, 0).flatten(0, 2).unsqueeze(1), self.slice_depth
-                )  # (C*h*w, 1, S/k)
-                pooled = pooled.view(*feats.shape[1:], -1).permute(0, 3, 1, 2)  # (C, S/k, h/p, w/p)
-                outputs.append(pooled.movedim(1, 1 + axis))  # slice axis back to its place in (D, H, W)
-        return torch.cat(outputs, dim=0)
+            coarse += [self._pool(feats, self.slice_depth, axis) for feats in per_block]
+            if self.fine_depth is not None:
+                fine.append(torch.cat([self._pool(feats, self.fine_depth, axis) for feats in per_block]))
+        return torch.cat(coarse, dim=0), fine
+
+    @staticmethod
+    def _pool(feats: torch.Tensor, depth: int, axis: int) -> torch.Tensor:
+        """Average ``depth`` neighbouring slices of ``(S, C, h, w)`` features; slice axis back in its place."""
+        pooled = F.avg_pool1d(feats.permute(1, 2, 3, 0).flatten(0, 2).unsqueeze(1), depth)  # (C*h*w, 1, S/depth)
+        pooled = pooled.view(*feats.shape[1:], -1).permute(0, 3, 1, 2)  # (C, S/depth, h, w)
+        return pooled.movedim(1, 1 + axis)
 
     def _encode_slices(self, slices: torch.Tensor, group_offset: int) -> list[torch.Tensor]:
         """Encode in batches; normalise and project each batch at once so only C-wide features are kept."""

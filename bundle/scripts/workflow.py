@@ -53,11 +53,10 @@ class CohortError(RuntimeError):
 
 @dataclass
 class Encoded:
-    """One subject's tokens ``(G * C, d, h, w)`` and token validity ``(d, h, w)``."""
+    """One subject and what the inferer made of it (``CohortInferer.encode_subject``)."""
 
     subject: dict[str, str]
-    tokens: torch.Tensor
-    valid: torch.Tensor
+    entry: dict[str, Any]
 
 
 @dataclass
@@ -145,9 +144,7 @@ class CohortRunner:
             )
 
         tick = time.perf_counter()
-        scores = self.inferer.score(
-            torch.stack([e.tokens for e in encoded]), torch.stack([e.valid for e in encoded]), self.network.num_groups
-        )
+        scores = self.inferer.score_entries([e.entry for e in encoded], self.network)
         report.threshold = robust_threshold(scores, self.threshold["method"], self.threshold["value"])
         report.timings["score_s"] = time.perf_counter() - tick
 
@@ -177,15 +174,12 @@ class CohortRunner:
                 problems.append(f"{subject['subject']} ({subject['image']}): {root_cause(err)}")
                 logger.error("skipping subject %s", problems[-1])
                 continue
-            encoded.append(Encoded(subject, entry["tokens"], entry["valid"]))
+            encoded.append(Encoded(subject, entry))
         return encoded
 
     def _encode_subject(self, subject: dict[str, str]) -> dict[str, torch.Tensor]:
         data = self.preprocessing(dict(subject))
-        entry = {
-            "tokens": self.inferer.encode(data["image"], self.network),
-            "valid": self.inferer.token_validity(data["mask"], self.network.slice_depth),
-        }
+        entry = self.inferer.encode_subject(data["image"], data["mask"], self.network)
         self.cache.save(subject, entry)
         return entry
 
