@@ -73,7 +73,8 @@ class EnsureMaskd(MapTransform):
     Args:
         image_key: key of the channel-first image.
         mask_key: key of the mask; missing or ``None`` means "compute it from the image".
-        threshold: ``"otsu"`` or an intensity value (for CT, e.g. -500 HU separates body from air).
+        threshold: ``"otsu"``, ``"nonzero"`` (skull-stripped images whose background is exactly 0) or an
+            intensity value (for CT, e.g. -500 HU separates body from air).
         affine_atol: tolerance, in mm, when comparing the image and mask affines.
     """
 
@@ -113,13 +114,14 @@ class EnsureMaskd(MapTransform):
 
     def _from_intensity(self, image: torch.Tensor) -> torch.Tensor:
         values = _plain(image)
-        if self.threshold == "otsu":
+        if self.threshold == "nonzero":  # skull-stripped data: the brain is wherever the image is not 0
+            mask = values != 0
+        elif self.threshold == "otsu":
             from skimage.filters import threshold_otsu
 
-            level = float(threshold_otsu(values.numpy().astype(np.float32)))
+            mask = values > float(threshold_otsu(values.numpy().astype(np.float32)))
         else:
-            level = float(self.threshold)
-        mask = values > level
+            mask = values > float(self.threshold)
         mask = KeepLargestConnectedComponent(applied_labels=1)(mask.to(torch.uint8))
         mask = FillHoles(applied_labels=1)(mask)
         return torch.as_tensor(mask) > 0

@@ -1,0 +1,196 @@
+"""Evaluation of a run against ground-truth masks: per-subject and pooled metrics, tables and figures.
+
+Everything is measured inside each subject's mask, in the subject's own space (where the outputs are):
+voxel AUROC and average precision (scikit-learn), the best Dice over all thresholds, the Dice at the
+run's operating threshold, and, when the cohort mixes healthy and lesion subjects, the subject-level AUROC
+of the subject scores.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+
+from .cohort import match_pattern
+from .metrics import dice
+from .outputs import atomic_path, subject_files, write_csv, write_json
+from .overview import save_overview
+from .workflow import RunReport, backbone_note
+
+__all__ = ["best_dice", "subject_metrics", "CohortEvaluator", "METRIC_FIELDS"]
+
+logger = logging.getLogger(__name__)
+METRIC_FIELDS = (
+    "subject", "lesion_voxels", "auroc", "average_precision", "best_dice", "best_dice_threshold",
+    "dice_at_threshold", "subject_score", "seconds",
+)
+
+
+def best_dice(scores: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """Highest Dice over all thresholds of ``scores`` (= the best F1 of the precision-recall curve) and where."""
+    if not truth.any():
+        return float("nan"), float("nan")
+    precision, recall, thresholds = precision_recall_curve(truth, scores)
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    best = int(np.argmax(f1[:-1])) if len(thresholds) else 0
+    return float(f1[best]), float(thresholds[best]) if len(thresholds) else float("nan")
+
+
+def subject_metrics(scores: np.ndarray, truth: np.ndarray, flagged: np.ndarray) -> dict[str, float]:
+    """Metrics of one subject (or of pooled voxels): 1-D in-mask ``scores``, ``truth`` and ``flagged`` arrays."""
+    both = 0 < truth.sum() < truth.size
+    top, at = best_dice(scores, truth)
+    return {
+        "lesion_voxels": int(truth.sum()),
+        "auroc": float(roc_auc_score(truth, scores)) if both else float("nan"),
+        "average_precision": float(average_precision_score(truth, scores)) if both else float("nan"),
+        "best_dice": top,
+        "best_dice_threshold": at,
+        "dice_at_threshold": dice(flagged, truth) if truth.any() else float("nan"),
+    }
+
+
+def _load(path: str | Path) -> np.ndarray:
+    return np.asanyarray(nib.load(str(path)).dataobj)
+
+
+class CohortEvaluator:
+    """Compares the outputs of a run with ground-truth masks found by ``label_pattern``.
+
+    Args:
+        dataset_dir: the cohort folder; label_pattern: glob with ``{id}`` for the ground truth of a subject
+            (any label > 0 is a lesion). A subject without a label file counts as healthy.
+        output_dir: the run's output folder; metrics and figures are written there.
+        mask_pattern: masks the run used; without them the evaluated region is where the heat map is non-zero.
+        figures: write ``<id>_eval.png`` per subject and ``metrics_summary.png``.
+    """
+
+    def __init__(
+        self, dataset_dir: str, label_pattern: str, output_dir: str, mask_pattern: str | None = None,
+        figures: bool = True,
+    ) -> None:
+        if "{id}" not in label_pattern:
+            raise ValueError(f"label_pattern {label_pattern!r} needs an {{id}} placeholder")
+        self.dataset_dir = Path(dataset_dir)
+        self.label_pattern = label_pattern
+        self.output_dir = Path(output_dir)
+        self.mask_pattern = mask_pattern or None
+        self.figures = figures
+
+    def _one(self, pattern: str, subject: str) -> Path | None:
+        found = match_pattern(self.dataset_dir, pattern, subject)
+        if len(found) > 1:
+            raise ValueError(f"{subject}: {len(found)} files match {pattern!r}: {', '.join(map(str, found))}")
+        return found[0] if found else None
+
+    def evaluate(self, report: RunReport, encoder: Any = None) -> dict[str, Any]:
+        """Metrics of every written subject and pooled; writes ``metrics.csv``, ``metrics.md``, ``metrics.json``."""
+        rows, pooled_scores, pooled_truth, pooled_flagged, subject_scores, healthy = [], [], [], [], [], []
+        seconds = (report.timings.get("total_s", float("nan"))) / max(1, len(report.subjects))
+        for result in report.subjects:
+            sid = result["subject"]
+            files = subject_files(self.output_dir, sid)
+            heat, flagged = _load(files["anomaly"]).astype(np.float32), _load(files["anomaly_mask"]) > 0
+            label = self._one(self.label_pattern, sid)
+            if label is None:
+                logger.warning("%s: no ground truth matches %r; counted as a healthy subject", sid, self.label_pattern)
+            truth = _load(label) > 0 if label is not None else np.zeros(heat.shape, bool)
+            if truth.shape != heat.shape:
+                raise ValueError(f"{label}: ground truth grid {truth.shape} differs from the image grid {heat.shape}")
+            mask_file = self._one(self.mask_pattern, sid) if self.mask_pattern else None
+            inside = _load(mask_file) > 0 if mask_file is not None else heat != 0
+            row = {"subject": sid, **subject_metrics(heat[inside], truth[inside], flagged[inside]),
+                   "subject_score": result["subject_score"], "seconds": seconds}
+            rows.append(row)
+            pooled_scores.append(heat[inside]), pooled_truth.append(truth[inside]), pooled_flagged.append(flagged[inside])
+            subject_scores.append(result["subject_score"]), healthy.append(not truth.any())
+            if self.figures:
+                self._figure(result["image"], heat, truth, files["overview"].with_name(f"{sid}_eval.png"), row)
+        if rows and all(r["lesion_voxels"] == 0 for r in rows) and not any(
+            self._one(self.label_pattern, r["subject"]) for r in rows
+        ):
+            raise FileNotFoundError(
+                f"no ground truth file matches label_pattern {self.label_pattern!r} under {self.dataset_dir} for any subject"
+            )
+        pooled = subject_metrics(np.concatenate(pooled_scores), np.concatenate(pooled_truth), np.concatenate(pooled_flagged))
+        mixed = 0 < sum(healthy) < len(healthy)
+        summary = {
+            "pooled": pooled,
+            "subject_auroc": float(roc_auc_score([not h for h in healthy], subject_scores)) if mixed else float("nan"),
+            "subjects": rows,
+            "operating_threshold": report.threshold,
+            "timings_s": report.timings,
+            "backbone": {"name": getattr(encoder, "name", ""), "pretrained": getattr(encoder, "pretrained", None),
+                         "note": backbone_note(encoder) if encoder is not None else ""},
+        }
+        write_csv([*rows, {"subject": "POOLED", **pooled, "seconds": seconds}], self.output_dir / "metrics.csv", METRIC_FIELDS)
+        write_json(summary, self.output_dir / "metrics.json")
+        text = self._markdown(summary)
+        with atomic_path(self.output_dir / "metrics.md") as tmp:
+            tmp.write_text(text)
+        if self.figures and rows:
+            self._summary_plot(rows, self.output_dir / "metrics_summary.png")
+        print(text)
+        return summary
+
+    @staticmethod
+    def _figure(image_path: str, heat: np.ndarray, truth: np.ndarray, path: Path, row: Mapping[str, Any]) -> None:
+        img = nib.load(image_path)
+        ornt = nib.orientations.io_orientation(img.affine)
+        to_ras = lambda a: nib.orientations.apply_orientation(a, ornt)  # noqa: E731
+        spacing = np.zeros(3)
+        spacing[ornt[:, 0].astype(int)] = nib.affines.voxel_sizes(img.affine)  # input axis i becomes RAS axis ornt[i, 0]
+        save_overview(
+            to_ras(np.asanyarray(img.dataobj).astype(np.float32)), to_ras(heat), path, spacing=spacing,
+            mask=to_ras(truth), title=f"{row['subject']}: ground truth outlined, AUROC {row['auroc']:.3f}, "
+            f"best Dice {row['best_dice']:.3f}",
+        )
+
+    @staticmethod
+    def _summary_plot(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(max(6, 0.6 * len(rows) + 2), 4))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        x = np.arange(len(rows))
+        for k, (key, label) in enumerate((("auroc", "voxel AUROC"), ("average_precision", "AP"), ("best_dice", "best Dice"))):
+            ax.bar(x + (k - 1) * 0.27, [r[key] for r in rows], width=0.27, label=label)
+        ax.set_xticks(x, [r["subject"] for r in rows], rotation=45, ha="right")
+        ax.set_ylim(0, 1)
+        ax.legend(loc="lower right")
+        ax.set_title("per-subject accuracy inside the mask")
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120)
+
+    @staticmethod
+    def _markdown(summary: Mapping[str, Any]) -> str:
+        p = summary["pooled"]
+        note = summary["backbone"]["note"]
+        lines = (["```", note, "```", ""] if note else []) + [
+            "# Evaluation",
+            "",
+            f"Backbone `{summary['backbone']['name']}` (pretrained: {summary['backbone']['pretrained']}); operating "
+            f"threshold {summary['operating_threshold']:.4g}.",
+            "",
+            f"**Pooled** inside the masks: voxel AUROC {p['auroc']:.3f}, AP {p['average_precision']:.3f}, best Dice "
+            f"{p['best_dice']:.3f}, Dice at the operating threshold {p['dice_at_threshold']:.3f}. Subject-level AUROC: "
+            f"{summary['subject_auroc']:.3f}.",
+            "",
+            "| subject | lesion voxels | AUROC | AP | best Dice | Dice @ threshold | subject score | s/subject |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['subject']} | {r['lesion_voxels']} | {r['auroc']:.3f} | {r['average_precision']:.3f} | "
+            f"{r['best_dice']:.3f} | {r['dice_at_threshold']:.3f} | {r['subject_score']:.4g} | {r['seconds']:.1f} |"
+            for r in summary["subjects"]
+        ]
+        return "\n".join(lines) + "\n"
