@@ -236,7 +236,7 @@ class CohortRunner:
                 "token_cache": {"dir": str(self.cache.cache_dir or ""), "hits": self.cache.hits, "misses": self.cache.misses},
                 "problems": report.problems,
                 "timings_s": report.timings,
-                "versions": _versions(),
+                "versions": versions(),
             },
             files["run"],
         )
@@ -266,7 +266,8 @@ def root_cause(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}" if not isinstance(err, (ValueError, OSError)) else str(err)
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
+    """Versions of what produced a result, for run records and benchmark tables."""
     import monai
     import timm
 
