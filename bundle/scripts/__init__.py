@@ -4,6 +4,7 @@ from . import (  # noqa: F401  (config expressions refer to them as ``scripts.<m
     backbones,
     cohort,
     demo,
+    distributed,
     evaluation,
     inferer,
     metrics,

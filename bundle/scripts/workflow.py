@@ -1,5 +1,7 @@
 """The cohort run: find subjects, encode each, score all against each other, write results per subject.
 
+Under ``torchrun`` (see ``distributed.py``) every pass is sharded by subject across the processes.
+
 Three passes keep memory bounded by one preprocessed volume plus the (small) tokens of the cohort:
 encoding (preprocess, tokenize, drop the volume), scoring (tokens only), writing (preprocess again,
 invert to the original space, write). A subject that fails in any pass is reported and skipped; the
@@ -9,6 +11,7 @@ others still get their results.
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import sys
 import time
@@ -23,6 +26,7 @@ from monai.transforms import Orientation
 from tqdm.auto import tqdm
 
 from .cohort import find_subjects
+from .distributed import all_gather, init_process_group, rank_and_world
 from .inferer import CohortInferer
 from .outputs import (
     cohort_files,
@@ -86,8 +90,9 @@ class CohortRunner:
         overwrite: replace existing results in ``output_dir``; otherwise the run refuses to start.
         settings: the public configuration, recorded in ``run.json``.
         overview: write the ``<id>_overview.png`` figures.
-        progress: show progress bars.
+        progress: show progress bars (rank 0 only in multi-process runs).
         cache: token cache; subjects found there are not preprocessed or encoded again.
+        distributed: join the ``torchrun`` process group and shard the work across its processes.
     """
 
     def __init__(
@@ -107,6 +112,7 @@ class CohortRunner:
         overview: bool = True,
         progress: bool = True,
         cache: TokenCache | None = None,
+        distributed: bool = False,
     ) -> None:
         self.dataset_dir = dataset_dir
         self.output_dir = Path(output_dir)
@@ -121,7 +127,8 @@ class CohortRunner:
         self.overwrite = overwrite
         self.settings = dict(settings or {})
         self.overview = overview
-        self.progress = progress
+        self.distributed = distributed
+        self.progress = progress and int(os.environ.get("RANK", "0")) == 0
         self.cache = cache or TokenCache(None, {})
 
     def run(self) -> RunReport:
@@ -134,8 +141,15 @@ class CohortRunner:
         refuse_existing(self.output_dir, [s["subject"] for s in subjects], self.overwrite)
         self._log_problems(report.problems)
 
+        if self.distributed:
+            init_process_group()
+        rank, world = rank_and_world()
         tick = time.perf_counter()
-        encoded = self.encode(subjects, report.problems)
+        # each rank encodes its shard; all ranks then hold the tokens of the whole cohort, in subject order
+        problems: list[str] = []
+        shards = all_gather((self.encode(subjects[rank::world], problems), problems))
+        encoded = sorted((e for shard, _ in shards for e in shard), key=lambda e: subjects.index(e.subject))
+        report.problems += [p for _, shard_problems in shards for p in shard_problems]
         report.timings["encode_s"] = time.perf_counter() - tick
         if len(encoded) < MIN_SUBJECTS:
             raise CohortError(
@@ -144,22 +158,31 @@ class CohortRunner:
             )
 
         tick = time.perf_counter()
-        scores = self.inferer.score_entries([e.entry for e in encoded], self.network)
+        mine = list(range(rank, len(encoded), world))
+        scores = torch.empty(0)
+        for indices, part in all_gather((mine, self.inferer.score_entries([e.entry for e in encoded], self.network, mine))):
+            scores = part.new_full((len(encoded), *part.shape[1:]), torch.nan) if not scores.numel() else scores
+            scores[indices] = part
         report.threshold = robust_threshold(scores, self.threshold["method"], self.threshold["value"])
         report.timings["score_s"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
-        for e, token_scores in tqdm(
-            list(zip(encoded, scores)), desc="writing", disable=not self.progress, leave=False
-        ):
+        rows, failures = [], []
+        for i in tqdm(mine, desc="writing", disable=not self.progress, leave=False):
+            subject = encoded[i].subject
             try:
-                report.subjects.append(self.write_subject(e.subject, token_scores, report.threshold))
+                rows.append(self.write_subject(subject, scores[i], report.threshold))
             except Exception as err:  # one subject's failure must not lose the others' results
-                report.problems.append(f"{e.subject['subject']} ({e.subject['image']}): writing failed: {root_cause(err)}")
-                logger.error(report.problems[-1])
+                failures.append(f"{subject['subject']} ({subject['image']}): writing failed: {root_cause(err)}")
+                logger.error(failures[-1])
+        for shard_rows, shard_failures in all_gather((rows, failures)):
+            report.subjects += shard_rows
+            report.problems += shard_failures
         report.timings["write_s"] = time.perf_counter() - tick
         report.timings["total_s"] = time.perf_counter() - start
-        self._write_cohort_files(report)
+        report.timings["processes"] = world
+        if rank == 0:
+            self._write_cohort_files(report)
         return report
 
     def encode(self, subjects: list[dict[str, str]], problems: list[str]) -> list[Encoded]:
