@@ -1,5 +1,6 @@
 # Two commands for a fresh machine (Python 3.11 and pip): `make demo` and `make test`.
-# Each creates .venv and installs requirements.txt into it when that has not been done yet.
+# Each creates .venv and installs requirements.txt (and MONAI Label, see there) into it when that has not
+# been done yet.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,6 +12,7 @@ $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps monailabel==0.8.5
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,0 +1,3 @@
+"""Infer tasks of the app."""
+
+from .anomaly import CS3FAnomaly, CS3FBatchInfer  # noqa: F401

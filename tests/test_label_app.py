@@ -1,0 +1,335 @@
+"""The MONAI Label app (apps/cs3f_label) through a real `monailabel start_server` on loopback, over HTTP.
+
+One server (tiny random ViT) serves a synthetic studies folder: four phantoms and one unreadable file.
+The tests check /info, /infer (label map on the study's grid, JSON score and rank, the float heat map,
+NRRD for the viewer plugins), the token cache and the cohort-score memo, a study added while serving,
+/batch/infer, the error answers, and that the app's heat maps are the bundle's own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+requests = pytest.importorskip("requests")
+pytest.importorskip("monailabel", reason="monailabel is not installed (pip install -r requirements.txt)")
+from requests_toolbelt.multipart.decoder import MultipartDecoder  # noqa: E402  (a monailabel dependency)
+
+from scripts.phantoms import make_phantom_cohort  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "apps" / "cs3f_label"
+# a tiny random ViT: the mechanics only (a random ViT is no feature extractor); JSON without spaces because
+# the `monailabel` launcher script re-splits its arguments on spaces
+TINY_VIT = {
+    "backbone": "random",
+    "backbone_kwargs": '{"embed_dim":24,"depth":2,"num_heads":2,"patch_size":8}',
+    "feature_blocks": "2",
+    "slice_depth": "8",
+    "grid_size": "32",
+    "proj_dim": "16",
+}
+STUDIES = ["sub-01", "sub-02", "sub-03", "sub-04"]  # sub-05 is added while the server runs
+START_TIMEOUT_S = 120
+REQUEST_TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher() -> list[str]:
+    script = Path(sys.executable).parent / "monailabel"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "monailabel.main"]
+
+
+class Server:
+    """A `monailabel start_server` subprocess in its own process group, stopped by its PID."""
+
+    def __init__(self, studies: Path, conf: dict[str, str], log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        args = [*launcher(), "start_server", "--app", str(APP), "--studies", str(studies), "--conf", "models", "cs3f"]
+        for key, value in conf.items():
+            args += ["--conf", key, value]
+        args += ["--host", "127.0.0.1", "--port", str(self.port)]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "MONAILABEL_PYEXE": sys.executable}
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def wait_ready(self) -> float:
+        start = time.monotonic()
+        while time.monotonic() - start < START_TIMEOUT_S:
+            if self.proc.poll() is not None:
+                pytest.fail(f"monailabel exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                if requests.get(f"{self.url}/info/", timeout=5).status_code == 200:
+                    return time.monotonic() - start
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        pytest.fail(f"monailabel did not answer /info within {START_TIMEOUT_S} s:\n{self.tail()}")
+
+    def tail(self, chars: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-chars:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # its own group: batch-infer children go too
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+
+    def infer(self, image: str, params: dict | None = None, output: str = "all") -> requests.Response:
+        return requests.post(f"{self.url}/infer/anomaly", params={"image": image, "output": output},
+                             files={"params": (None, json.dumps(params or {}))}, timeout=REQUEST_TIMEOUT_S)
+
+
+def multipart(response: requests.Response, tmp: Path, name: str) -> tuple[Path, dict]:
+    """The result image and JSON of a default (multipart) /infer answer."""
+    assert response.status_code == 200, response.text[:2000]
+    image, params = None, None
+    for part in MultipartDecoder(response.content, response.headers["content-type"]).parts:
+        disposition = part.headers[b"Content-Disposition"].decode()
+        if 'name="params"' in disposition:
+            params = json.loads(part.content)
+        elif 'name="image"' in disposition:
+            image = tmp / name
+            image.write_bytes(part.content)
+    assert image is not None and params is not None
+    return image, params
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("label_app")
+    records = make_phantom_cohort(root / "phantoms", n_subjects=5, shape=(40, 48, 40), spacing=3.5, n_lesion_free=1, seed=3)
+    studies = root / "studies"  # MONAI Label's local datastore: images directly in the folder
+    studies.mkdir()
+    for rec in records[:4]:
+        shutil.copy(rec["image"], studies / f"{rec['subject']}.nii.gz")
+    (studies / "corrupt.nii.gz").write_bytes(b"not an image at all")
+    return {"root": root, "studies": studies, "records": {r["subject"]: r for r in records}}
+
+
+@pytest.fixture(scope="module")
+def server(cohort):
+    srv = Server(cohort["studies"], TINY_VIT, cohort["root"] / "server.log")
+    try:
+        srv.ready_s = srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def first(server, cohort) -> dict:
+    """The first /infer on the fresh datastore (every study still to encode)."""
+    start = time.monotonic()
+    label, params = multipart(server.infer("sub-01"), cohort["root"], "first.nii.gz")
+    return {"label": label, "params": params, "seconds": time.monotonic() - start}
+
+
+def test_info_lists_task_and_labels(server):
+    info = requests.get(f"{server.url}/info/", timeout=30).json()
+    task = info["models"]["anomaly"]
+    assert task["labels"] == {"anomaly": 1, "strong_anomaly": 2}
+    assert task["type"] == "segmentation" and task["dimension"] == 3
+    assert info["labels"] == ["anomaly", "strong_anomaly"]
+    assert info["datastore"]["total"] == len(STUDIES) + 1
+
+
+def test_infer_returns_label_map_on_study_grid_and_score(first, cohort):
+    params = first["params"]
+    source = nib.load(cohort["studies"] / "sub-01.nii.gz")
+    label = nib.load(first["label"])
+    assert label.shape == source.shape
+    np.testing.assert_allclose(label.affine, source.affine, atol=1e-4)
+    assert label.get_data_dtype() == np.uint8
+    assert set(np.unique(np.asarray(label.dataobj))) <= {0, 1, 2}
+
+    assert params["subject"] == "sub-01" and params["result"] == "labels"
+    assert params["label_names"] == {"anomaly": 1, "strong_anomaly": 2}
+    assert np.isfinite(params["subject_score"]) and np.isfinite(params["threshold"])
+    assert params["cohort_size"] == len(STUDIES) and 1 <= params["rank"] <= len(STUDIES)
+    assert params["references"] == ["sub-02", "sub-03", "sub-04"]
+    assert len(params["skipped_references"]) == 1 and "corrupt.nii.gz" in params["skipped_references"][0]
+    assert params["backbone"]["name"] == "random" and not params["backbone"]["pretrained"]
+    assert "NOT DINOv2" in params["backbone"]["warning"]
+    # a fresh datastore: every study encoded, the cohort scored
+    assert params["token_cache"]["encoded"] == STUDIES and params["token_cache"]["from_cache"] == []
+    assert params["cohort_scores"] == "computed"
+
+
+def test_second_request_uses_the_cache(first, server, cohort):
+    cache = cohort["studies"] / ".cs3f_cache"
+    before = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    assert len([n for n in before if not n.startswith("cohort-")]) == len(STUDIES)
+
+    start = time.monotonic()
+    label, params = multipart(server.infer("sub-02"), cohort["root"], "second.nii.gz")
+    seconds = time.monotonic() - start
+    assert params["token_cache"]["encoded"] == [] and params["token_cache"]["from_cache"] == STUDIES
+    assert params["cohort_scores"] == "memory"  # the cohort was scored by the first request
+    assert params["threshold"] == first["params"]["threshold"]
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == before, "nothing re-encoded or re-written"
+    assert nib.load(label).shape == nib.load(cohort["studies"] / "sub-02.nii.gz").shape
+    print(f"\nserver ready in {server.ready_s:.1f} s; first /infer {first['seconds']:.2f} s, second {seconds:.2f} s")
+
+
+def test_heatmap_variant_is_float32(first, server, cohort):
+    response = server.infer("sub-01", {"heatmap": True}, output="image")
+    assert response.status_code == 200, response.text[:2000]
+    path = cohort["root"] / "heat.nii.gz"
+    path.write_bytes(response.content)
+    heat_img, source = nib.load(path), nib.load(cohort["studies"] / "sub-01.nii.gz")
+    heat = np.asarray(heat_img.dataobj)
+    assert heat_img.get_data_dtype() == np.float32 and heat.dtype == np.float32
+    assert heat_img.shape == source.shape
+    np.testing.assert_allclose(heat_img.affine, source.affine, atol=1e-4)
+    assert np.isfinite(heat).all() and heat.max() > 0
+    # the classes of the label map are the heat map at the reported levels
+    label = np.asarray(nib.load(first["label"]).dataobj)
+    levels = first["params"]["levels"]
+    np.testing.assert_array_equal(label >= 1, (heat >= levels["anomaly"]) & (heat > 0))
+    np.testing.assert_array_equal(label == 2, (heat >= levels["strong_anomaly"]) & (heat > 0))
+
+
+def test_nrrd_for_the_viewer_plugins(server, cohort):
+    # what the OHIF and Slicer plugins ask for
+    response = server.infer("sub-03", {"result_extension": ".nrrd", "result_dtype": "uint8", "result_compress": False},
+                            output="image")
+    assert response.status_code == 200, response.text[:2000]
+    path = cohort["root"] / "label.nrrd"
+    path.write_bytes(response.content)
+    from monai.transforms import LoadImage
+
+    load = LoadImage(image_only=True)
+    label, source = load(str(path)), load(str(cohort["studies"] / "sub-03.nii.gz"))
+    assert label.shape == source.shape
+    np.testing.assert_allclose(label.affine.numpy(), source.affine.numpy(), atol=1e-4)
+    assert set(np.unique(label.numpy())) <= {0, 1, 2}
+
+
+def test_results_are_the_bundles(first, server, cohort, tmp_path):
+    """The app runs the bundle's own pipeline: same heat maps and threshold as `CohortRunner.run` on the cohort."""
+    from monai.bundle import ConfigParser
+
+    data = tmp_path / "cohort"
+    data.mkdir()
+    for sid in STUDIES:
+        os.symlink(cohort["studies"] / f"{sid}.nii.gz", data / f"{sid}.nii.gz")
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "bundle" / "configs" / "inference.json"))
+    parser.update({**{k: json.loads(v) if k != "backbone" else v for k, v in TINY_VIT.items()},
+                   "dataset_dir": str(data), "output_dir": str(tmp_path / "out"), "progress": False,
+                   "write_overview": False, "bundle_root": str(ROOT / "bundle")})
+    report = parser.get_parsed_content("runner").run()
+    assert report.threshold == pytest.approx(first["params"]["threshold"], rel=1e-6)
+    rows = {r["subject"]: r for r in report.subjects}
+    flagged = 0
+    for sid in STUDIES:
+        response = server.infer(sid, {"heatmap": True}, output="image")
+        assert response.status_code == 200, response.text[:2000]
+        (tmp_path / "app.nii.gz").write_bytes(response.content)
+        app_heat = np.asarray(nib.load(tmp_path / "app.nii.gz").dataobj)
+        bundle_heat = np.asarray(nib.load(tmp_path / "out" / f"{sid}_anomaly.nii.gz").dataobj)
+        np.testing.assert_allclose(app_heat, bundle_heat, rtol=1e-5, atol=1e-6)
+        bundle_mask = np.asarray(nib.load(tmp_path / "out" / f"{sid}_anomaly_mask.nii.gz").dataobj) > 0
+        label, params = multipart(server.infer(sid), tmp_path, "label.nii.gz")
+        np.testing.assert_array_equal(np.asarray(nib.load(label).dataobj) >= 1, bundle_mask)
+        assert params["subject_score"] == pytest.approx(rows[sid]["subject_score"], rel=1e-5)
+        assert params["cohort_scores"] == "memory"
+        flagged += int(bundle_mask.any())
+    assert flagged, "no study has a flagged voxel: the comparison would be vacuous"
+
+
+def test_errors_answer_with_status_and_message(first, server):
+    unknown = server.infer("no-such-study")
+    assert unknown.status_code == 404 and "unknown image id 'no-such-study'" in unknown.json()["detail"]
+    unreadable = server.infer("corrupt")
+    assert unreadable.status_code == 422 and "corrupt.nii.gz" in unreadable.json()["detail"]
+    too_few = server.infer("sub-02", {"reference": "sub-01"})
+    assert too_few.status_code == 409 and "too few reference studies" in too_few.json()["detail"]
+    assert "at least 2" in too_few.json()["detail"]
+    bad = server.infer("sub-02", {"min_reference": 1})
+    assert bad.status_code == 400 and "min_reference" in bad.json()["detail"]
+    bad = server.infer("sub-02", {"result_extension": ".png"})
+    assert bad.status_code == 400 and "result_extension" in bad.json()["detail"]
+    # the server keeps serving
+    assert requests.get(f"{server.url}/info/", timeout=30).status_code == 200
+    assert server.infer("sub-02", output="json").status_code == 200
+
+
+def test_reference_pattern_selects_the_cohort(first, server):
+    response = server.infer("sub-01", {"reference": "sub-0[34]"}, output="json")
+    assert response.status_code == 200, response.text[:2000]
+    params = response.json()
+    assert params["references"] == ["sub-03", "sub-04"] and params["cohort_size"] == 3
+    assert params["skipped_references"] == [] and params["token_cache"]["encoded"] == []
+
+
+def test_new_study_is_picked_up(first, server, cohort):
+    shutil.copy(cohort["records"]["sub-05"]["image"], cohort["studies"] / "sub-05.nii.gz")
+    response = server.infer("sub-01", output="json")
+    assert response.status_code == 200, response.text[:2000]
+    params = response.json()
+    assert params["references"] == ["sub-02", "sub-03", "sub-04", "sub-05"]
+    assert params["cohort_size"] == len(STUDIES) + 1
+    assert params["token_cache"]["encoded"] == ["sub-05"]  # only the new study is encoded
+    assert params["token_cache"]["from_cache"] == STUDIES
+    assert params["cohort_scores"] == "computed"  # a new cohort
+
+
+def test_batch_infer_covers_all_studies(first, server, cohort):
+    response = requests.post(f"{server.url}/batch/infer/anomaly", params={"images": "all", "run_sync": "true"},
+                             json={"device": "cpu", "max_workers": 1, "label_tag": "original"}, timeout=REQUEST_TIMEOUT_S)
+    assert response.status_code == 200, response.text[:2000]
+    results = response.json()
+    ids = sorted(p.name.removesuffix(".nii.gz") for p in cohort["studies"].glob("*.nii.gz"))
+    assert sorted(results) == ids
+    assert results["corrupt"]["status"] == 422 and "corrupt.nii.gz" in results["corrupt"]["error"]
+    good = [i for i in ids if i != "corrupt"]
+    for sid in good:
+        params = results[sid]["params"]
+        assert params["subject"] == sid and np.isfinite(params["subject_score"])
+        assert params["cohort_size"] == len(good)
+        saved = cohort["studies"] / "labels" / "original" / f"{sid}.nii.gz"
+        assert nib.load(saved).shape == nib.load(cohort["studies"] / f"{sid}.nii.gz").shape
+    assert sorted(results[sid]["params"]["rank"] for sid in good) == list(range(1, len(good) + 1))
+    assert sum(results[sid]["params"]["cohort_scores"] == "computed" for sid in good) <= 1  # scored once
+
+
+def test_missing_weights_fail_clearly_and_server_keeps_serving(cohort, tmp_path):
+    """The default DINOv2 backbone without weights: a start-up log line, then a 500 with the bundle's message."""
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    for sid in STUDIES[:3]:
+        shutil.copy(cohort["records"][sid]["image"], studies / f"{sid}.nii.gz")
+    srv = Server(studies, {"weights_path": str(tmp_path / "absent" / "dinov2_vits14_pretrain.pth")}, tmp_path / "server.log")
+    try:
+        srv.wait_ready()
+        assert "CS3F: no weights for backbone 'dinov2_vits14'" in srv.tail(100_000)
+        response = srv.infer("sub-01", output="json")
+        assert response.status_code == 500
+        detail = response.json()["detail"]
+        assert "dinov2_vits14" in detail and "does not exist" in detail and "--conf backbone intensity" in detail
+        assert requests.get(f"{srv.url}/info/", timeout=30).status_code == 200
+    finally:
+        srv.stop()
