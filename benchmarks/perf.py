@@ -176,7 +176,9 @@ def bench_demo(args: argparse.Namespace) -> list[dict]:
 
 
 def markdown(result: dict) -> str:
-    lines = ["# Performance", "", f"Command: `{result['command']}`  ", f"Device: {result['device']}  ",
+    commands = result.get("commands", {})
+    lines = ["# Performance", "", *(f"Command ({part}): `{cmd}`  " for part, cmd in commands.items()),
+             f"Device: {result['device']}  ",
              f"Versions: {', '.join(f'{k} {v}' for k, v in result['versions'].items())}", ""]
     if result.get("encoding"):
         lines += ["## Slice encoding (random-initialised weights: same FLOPs as DINOv2)", "",
@@ -225,11 +227,14 @@ def main() -> None:
     if args.measure:
         print(json.dumps(measure_scoring(**json.loads(args.measure))))
         return
-    result = {"command": "python " + shlex.join(["benchmarks/perf.py", *sys.argv[1:]]), "versions": versions(),
-              "device": peak_flops()[1]}
+    results = Path(args.results)
+    # a run of some parts keeps the others' earlier figures; each part records the command that made it
+    result = json.loads((results / "perf.json").read_text()) if (results / "perf.json").is_file() else {}
+    result.update({"versions": versions(), "device": peak_flops()[1]})
+    commands = result.setdefault("commands", {})
     for part in args.only:
         result[part] = {"encoding": bench_encoding, "scoring": bench_scoring, "demo": bench_demo}[part](args)
-    results = Path(args.results)
+        commands[part] = "python " + shlex.join(["benchmarks/perf.py", *sys.argv[1:]])
     write_json(result, results / "perf.json")
     with atomic_path(results / "perf.md") as tmp:
         tmp.write_text(markdown(result))
