@@ -28,7 +28,7 @@ __all__ = ["best_dice", "subject_metrics", "CohortEvaluator", "METRIC_FIELDS"]
 logger = logging.getLogger(__name__)
 METRIC_FIELDS = (
     "subject", "lesion_voxels", "auroc", "average_precision", "best_dice", "best_dice_threshold",
-    "dice_at_threshold", "subject_score", "seconds",
+    "dice_at_threshold", "flagged_fraction", "subject_score", "seconds",
 )
 
 
@@ -53,6 +53,7 @@ def subject_metrics(scores: np.ndarray, truth: np.ndarray, flagged: np.ndarray) 
         "best_dice": top,
         "best_dice_threshold": at,
         "dice_at_threshold": dice(flagged, truth) if truth.any() else float("nan"),
+        "flagged_fraction": float(flagged.mean()) if flagged.size else float("nan"),
     }
 
 
@@ -65,17 +66,18 @@ class CohortEvaluator:
 
     Args:
         dataset_dir: the cohort folder; label_pattern: glob with ``{id}`` for the ground truth of a subject
-            (any label > 0 is a lesion). A subject without a label file counts as healthy.
+            (any label > 0 is a lesion). A subject without a label file counts as healthy; ``None`` declares
+            the whole cohort healthy (then the flagged fraction is the false-positive rate).
         output_dir: the run's output folder; metrics and figures are written there.
         mask_pattern: masks the run used; without them the evaluated region is where the heat map is non-zero.
         figures: write ``<id>_eval.png`` per subject and ``metrics_summary.png``.
     """
 
     def __init__(
-        self, dataset_dir: str, label_pattern: str, output_dir: str, mask_pattern: str | None = None,
+        self, dataset_dir: str, label_pattern: str | None, output_dir: str, mask_pattern: str | None = None,
         figures: bool = True,
     ) -> None:
-        if "{id}" not in label_pattern:
+        if label_pattern is not None and "{id}" not in label_pattern:
             raise ValueError(f"label_pattern {label_pattern!r} needs an {{id}} placeholder")
         self.dataset_dir = Path(dataset_dir)
         self.label_pattern = label_pattern
@@ -97,8 +99,8 @@ class CohortEvaluator:
             sid = result["subject"]
             files = subject_files(self.output_dir, sid)
             heat, flagged = _load(files["anomaly"]).astype(np.float32), _load(files["anomaly_mask"]) > 0
-            label = self._one(self.label_pattern, sid)
-            if label is None:
+            label = self._one(self.label_pattern, sid) if self.label_pattern else None
+            if label is None and self.label_pattern:
                 logger.warning("%s: no ground truth matches %r; counted as a healthy subject", sid, self.label_pattern)
             truth = _load(label) > 0 if label is not None else np.zeros(heat.shape, bool)
             if truth.shape != heat.shape:
@@ -112,7 +114,7 @@ class CohortEvaluator:
             subject_scores.append(result["subject_score"]), healthy.append(not truth.any())
             if self.figures:
                 self._figure(result["image"], heat, truth, files["overview"].with_name(f"{sid}_eval.png"), row)
-        if rows and all(r["lesion_voxels"] == 0 for r in rows) and not any(
+        if self.label_pattern and rows and all(r["lesion_voxels"] == 0 for r in rows) and not any(
             self._one(self.label_pattern, r["subject"]) for r in rows
         ):
             raise FileNotFoundError(
@@ -182,15 +184,16 @@ class CohortEvaluator:
             f"threshold {summary['operating_threshold']:.4g}.",
             "",
             f"**Pooled** inside the masks: voxel AUROC {p['auroc']:.3f}, AP {p['average_precision']:.3f}, best Dice "
-            f"{p['best_dice']:.3f}, Dice at the operating threshold {p['dice_at_threshold']:.3f}. Subject-level AUROC: "
-            f"{summary['subject_auroc']:.3f}.",
+            f"{p['best_dice']:.3f}, Dice at the operating threshold {p['dice_at_threshold']:.3f}, flagged fraction "
+            f"{p['flagged_fraction']:.4f}. Subject-level AUROC: {summary['subject_auroc']:.3f}.",
             "",
-            "| subject | lesion voxels | AUROC | AP | best Dice | Dice @ threshold | subject score | s/subject |",
-            "|---|---|---|---|---|---|---|---|",
+            "| subject | lesion voxels | AUROC | AP | best Dice | Dice @ threshold | flagged fraction | subject score | s/subject |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         lines += [
             f"| {r['subject']} | {r['lesion_voxels']} | {r['auroc']:.3f} | {r['average_precision']:.3f} | "
-            f"{r['best_dice']:.3f} | {r['dice_at_threshold']:.3f} | {r['subject_score']:.4g} | {r['seconds']:.1f} |"
+            f"{r['best_dice']:.3f} | {r['dice_at_threshold']:.3f} | {r['flagged_fraction']:.4f} | {r['subject_score']:.4g} | "
+            f"{r['seconds']:.1f} |"
             for r in summary["subjects"]
         ]
         return "\n".join(lines) + "\n"
