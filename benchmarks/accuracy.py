@@ -28,7 +28,7 @@ from scripts.evaluation import CohortEvaluator  # noqa: E402
 from scripts.outputs import atomic_path, write_json  # noqa: E402
 from scripts.workflow import versions as run_versions  # noqa: E402
 
-PRESETS = ("brats_flair", "mslub_flair", "ixi_t1")
+PRESETS = ("brats_flair", "mslub_flair", "ixi_t1", "mixed_t1")
 FIELDS = ("auroc", "average_precision", "best_dice", "dice_at_threshold")
 
 

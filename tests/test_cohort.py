@@ -150,3 +150,14 @@ def test_match_pattern(tmp_path):
     _touch(tmp_path, "a/x.nii.gz", "b/x.nii.gz", ".git/x.nii.gz")
     assert match_pattern(tmp_path, "{id}/x.nii.gz") == [tmp_path / "a/x.nii.gz", tmp_path / "b/x.nii.gz"]
     assert match_pattern(tmp_path, "{id}/x.nii.gz", "b") == [tmp_path / "b/x.nii.gz"]
+
+
+def test_optional_masks_keep_subjects_without_one(tmp_path):
+    for name in ("a.nii.gz", "a_mask.nii.gz", "b.nii.gz"):
+        (tmp_path / name).write_bytes(b"x")
+    subjects, problems = find_subjects(tmp_path, "{id}.nii.gz", "{id}_mask.nii.gz", require_mask=False)
+    assert problems == []
+    assert subjects == [{"subject": "a", "image": str(tmp_path / "a.nii.gz"), "mask": str(tmp_path / "a_mask.nii.gz")},
+                        {"subject": "b", "image": str(tmp_path / "b.nii.gz")}]
+    _, problems = find_subjects(tmp_path, "{id}.nii.gz", "{id}_mask.nii.gz")
+    assert len(problems) == 1 and "b.nii.gz" in problems[0]

@@ -41,13 +41,15 @@ def match_pattern(dataset_dir: Path, pattern: str, subject: str | None = None) -
 
 
 def find_subjects(
-    dataset_dir: str | Path, image_pattern: str = "{id}.nii.gz", mask_pattern: str | None = None
+    dataset_dir: str | Path, image_pattern: str = "{id}.nii.gz", mask_pattern: str | None = None,
+    require_mask: bool = True,
 ) -> tuple[list[dict[str, str]], list[str]]:
     """List the subjects of a cohort.
 
     Returns:
         ``(subjects, problems)``: dicts ``{"subject", "image"[, "mask"]}`` sorted by subject id, and one
-        message per subject that had to be left out (e.g. its mask is missing), naming the file.
+        message per subject that had to be left out (e.g. its mask is missing), naming the file. With
+        ``require_mask=False`` a subject without a mask is kept, and its mask is computed from intensity.
 
     Raises:
         FileNotFoundError: ``dataset_dir`` does not exist.
@@ -80,6 +82,9 @@ def find_subjects(
         entry = {"subject": subject, "image": str(path)}
         if mask_pattern:
             candidates = match_pattern(root, mask_pattern, subject)
+            if not candidates and not require_mask:
+                subjects[subject] = entry
+                continue
             if len(candidates) != 1:
                 what = "no mask" if not candidates else f"{len(candidates)} masks ({', '.join(map(str, candidates))})"
                 problems.append(f"{subject} ({path}): {what} matching {mask_pattern!r}; subject skipped")

@@ -93,6 +93,7 @@ class CohortRunner:
         progress: show progress bars (rank 0 only in multi-process runs).
         cache: token cache; subjects found there are not preprocessed or encoded again.
         distributed: join the ``torchrun`` process group and shard the work across its processes.
+        require_mask: with a ``mask_pattern``, skip subjects that have no mask (default) or compute theirs.
     """
 
     def __init__(
@@ -113,6 +114,7 @@ class CohortRunner:
         progress: bool = True,
         cache: TokenCache | None = None,
         distributed: bool = False,
+        require_mask: bool = True,
     ) -> None:
         self.dataset_dir = dataset_dir
         self.output_dir = Path(output_dir)
@@ -128,6 +130,7 @@ class CohortRunner:
         self.settings = dict(settings or {})
         self.overview = overview
         self.distributed = distributed
+        self.require_mask = require_mask
         self.progress = progress and int(os.environ.get("RANK", "0")) == 0
         self.cache = cache or TokenCache(None, {})
 
@@ -137,7 +140,7 @@ class CohortRunner:
         note = backbone_note(self.network.encoder)
         if note:
             logger.warning("\n%s", note)
-        subjects, report.problems = find_subjects(self.dataset_dir, self.image_pattern, self.mask_pattern)
+        subjects, report.problems = find_subjects(self.dataset_dir, self.image_pattern, self.mask_pattern, self.require_mask)
         refuse_existing(self.output_dir, [s["subject"] for s in subjects], self.overwrite)
         self._log_problems(report.problems)
 
