@@ -11,13 +11,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from monai.data import MetaTensor
 from monai.inferers import Inferer
 from torch import nn
 from tqdm.auto import tqdm
 
 from .postprocessing import upsample_parts
-from .scoring import MATCHING_MODES, fine_scores, mutual_scores
+from .scoring import MATCHING_MODES, fine_scores, median_and_mad, mutual_scores
+from .transforms import plain_tensor
 
 __all__ = ["CohortInferer"]
 
@@ -72,15 +72,13 @@ class CohortInferer(Inferer):
     @torch.inference_mode()
     def encode(self, volume: torch.Tensor, network: nn.Module) -> torch.Tensor:
         """Tokens ``(G * C, d, h, w)`` of one channel-first volume ``(1, D, H, W)``, returned on the CPU."""
-        x = volume.as_tensor() if isinstance(volume, MetaTensor) else volume
-        return network(x[None].to(_device_of(network)))[0].cpu()
+        return network(plain_tensor(volume)[None].to(_device_of(network)))[0].cpu()
 
     @torch.inference_mode()
     def encode_subject(self, volume: torch.Tensor, mask: torch.Tensor, network: nn.Module) -> dict[str, Any]:
         """All that scoring needs of one subject: ``tokens`` and ``valid``, plus ``fine`` and ``fine_valid``
         (one entry per axis, fine tokens kept in float16) when the network makes fine tokens."""
-        x = volume.as_tensor() if isinstance(volume, MetaTensor) else volume
-        out = network.tokenize(x[None].to(_device_of(network)))
+        out = network.tokenize(plain_tensor(volume)[None].to(_device_of(network)))
         entry: dict[str, Any] = {
             "tokens": out["tokens"][0].cpu(),
             "valid": self.token_validity(mask, network.slice_depth),
@@ -92,8 +90,7 @@ class CohortInferer(Inferer):
 
     def token_validity(self, mask: torch.Tensor, token_size: int | tuple[int, int, int]) -> torch.Tensor:
         """Which tokens of a ``(1, D, H, W)`` mask are covered enough to be scored and matched."""
-        plain = mask.as_tensor() if isinstance(mask, MetaTensor) else mask
-        coverage = F.avg_pool3d((plain > 0.5).float()[None], token_size)[0, 0]
+        coverage = F.avg_pool3d((plain_tensor(mask) > 0.5).float()[None], token_size)[0, 0]
         return coverage >= self.min_token_coverage
 
     @torch.inference_mode()
@@ -209,9 +206,8 @@ def _robust_z(scores: torch.Tensor) -> torch.Tensor:
     finite = scores[torch.isfinite(scores)]
     if finite.numel() == 0:
         return scores
-    median = finite.median()
-    mad = (finite - median).abs().median() * 1.4826
-    return (scores - median) / mad.clamp(min=1e-12)
+    median, mad = median_and_mad(finite)
+    return (scores - median) / max(1.4826 * mad, 1e-12)
 
 
 def _device_of(module: nn.Module) -> torch.device:

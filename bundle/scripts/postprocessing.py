@@ -12,8 +12,9 @@ from collections.abc import Hashable, Mapping
 import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
-from monai.data import MetaTensor
 from monai.transforms import MapTransform
+
+from .transforms import plain_tensor, with_meta_of
 
 __all__ = ["upsample_scores", "upsample_parts", "TokenScoresToVoxelsd", "MaskOutsided", "ThresholdFromKeyd"]
 
@@ -54,12 +55,10 @@ class TokenScoresToVoxelsd(MapTransform):
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         ref = d[self.ref_key]
-        inside = torch.as_tensor(d[self.mask_key]).as_subclass(torch.Tensor)[0] > 0.5
+        inside = plain_tensor(d[self.mask_key])[0] > 0.5
         for key in self.key_iterator(d):
-            heat = upsample_scores(torch.as_tensor(d[key]).as_subclass(torch.Tensor).reshape(d[key].shape[-3:]), ref.shape[1:])
-            heat = torch.where(inside, heat, 0.0)[None]
-            d[key] = MetaTensor(heat, meta=dict(ref.meta), applied_operations=list(ref.applied_operations)) \
-                if isinstance(ref, MetaTensor) else heat
+            heat = upsample_scores(plain_tensor(torch.as_tensor(d[key])).reshape(d[key].shape[-3:]), ref.shape[1:])
+            d[key] = with_meta_of(ref, torch.where(inside, heat, 0.0)[None])
         return d
 
 
@@ -72,7 +71,7 @@ class MaskOutsided(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
-        inside = torch.as_tensor(d[self.mask_key]).as_subclass(torch.Tensor) > 0.5
+        inside = plain_tensor(d[self.mask_key]) > 0.5
         for key in self.key_iterator(d):
             if d[key].shape != inside.shape:
                 raise ValueError(f"{key} shape {tuple(d[key].shape)} differs from mask shape {tuple(inside.shape)}")

@@ -24,6 +24,7 @@ __all__ = [
     "mutual_scores",
     "fine_scores",
     "robust_threshold",
+    "median_and_mad",
 ]
 
 MATCHING_MODES = ("window", "global")
@@ -264,6 +265,12 @@ def fine_scores(
     return fine.movedim(0, axis)
 
 
+def median_and_mad(values: torch.Tensor) -> tuple[float, float]:
+    """Median and median absolute deviation of a 1-D tensor of finite values."""
+    median = values.median()
+    return float(median), float((values - median).abs().median())
+
+
 def robust_threshold(scores: torch.Tensor, method: str = "mad", value: float = 3.0) -> float:
     """Operating threshold from the pooled token scores of the whole cohort (NaNs ignored).
 
@@ -278,7 +285,6 @@ def robust_threshold(scores: torch.Tensor, method: str = "mad", value: float = 3
     if method == "percentile":
         return float(torch.quantile(finite[:: max(1, finite.numel() // 4_000_000)], value / 100))
     if method == "mad":
-        median = finite.median()
-        mad = (finite - median).abs().median()
-        return float(median + value * 1.4826 * mad)
+        median, mad = median_and_mad(finite)
+        return median + value * 1.4826 * mad
     raise ValueError(f"threshold method must be 'mad', 'percentile' or 'absolute', got {method!r}")

@@ -14,7 +14,10 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import FillHoles, KeepLargestConnectedComponent, MapTransform
 
-__all__ = ["CohortInputError", "ValidateVolumed", "EnsureMaskd", "MaskedPercentileNormalized", "source_name"]
+__all__ = [
+    "CohortInputError", "ValidateVolumed", "EnsureMaskd", "MaskedPercentileNormalized", "source_name", "plain_tensor",
+    "with_meta_of",
+]
 
 
 class CohortInputError(ValueError):
@@ -95,7 +98,7 @@ class EnsureMaskd(MapTransform):
         if not bool(mask.any()):
             what = source_name(given) if given is not None else f"{source_name(image)} (computed foreground)"
             raise CohortInputError(f"{what}: the mask is empty, no foreground voxels to analyse")
-        d[self.mask_key] = _like(image, mask.to(torch.float32))
+        d[self.mask_key] = with_meta_of(image, mask.to(torch.float32))
         return d
 
     def _check_given(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -110,10 +113,10 @@ class EnsureMaskd(MapTransform):
                     f"{source_name(mask)}: mask affine differs from the affine of {source_name(image)}; "
                     "the mask must be on the image's grid"
                 )
-        return _plain(mask) > 0
+        return plain_tensor(mask) > 0
 
     def _from_intensity(self, image: torch.Tensor) -> torch.Tensor:
-        values = _plain(image)
+        values = plain_tensor(image)
         if self.threshold == "nonzero":  # skull-stripped data: the brain is wherever the image is not 0
             mask = values != 0
         elif self.threshold == "otsu":
@@ -147,25 +150,25 @@ class MaskedPercentileNormalized(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
-        inside = _plain(d[self.mask_key]) > 0.5
+        inside = plain_tensor(d[self.mask_key]) > 0.5
         for key in self.key_iterator(d):
             img = d[key]
-            values = _plain(img)[inside].float()
+            values = plain_tensor(img)[inside].float()
             # quantile() has an input size limit; a regular subsample keeps it exact enough and fast
             values = values[:: max(1, values.numel() // 4_000_000)]
             lo, hi = torch.quantile(values, torch.tensor([self.lower, self.upper]) / 100).tolist()
             scale = hi - lo if hi > lo else 1.0
-            normalized = torch.where(inside, ((_plain(img) - lo) / scale).clamp(0, 1), 0.0)
-            d[key] = _like(img, normalized)
+            normalized = torch.where(inside, ((plain_tensor(img) - lo) / scale).clamp(0, 1), 0.0)
+            d[key] = with_meta_of(img, normalized)
         return d
 
 
-def _plain(img: torch.Tensor) -> torch.Tensor:
+def plain_tensor(img: torch.Tensor) -> torch.Tensor:
     """The tensor without MONAI metadata, so arithmetic cannot mix up metadata of different keys."""
     return img.as_tensor() if isinstance(img, MetaTensor) else img
 
 
-def _like(reference: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def with_meta_of(reference: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """``values`` carrying ``reference``'s metadata and transform history (needed by ``Invertd``)."""
     if isinstance(reference, MetaTensor):
         return MetaTensor(values, meta=dict(reference.meta), applied_operations=list(reference.applied_operations))
