@@ -6,11 +6,24 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import torch
+from monai.bundle import ConfigParser
 
 from scripts.backbones import create_backbone
 
+ROOT = Path(__file__).resolve().parents[1]
+INFERENCE = ROOT / "bundle" / "configs" / "inference.json"
+# bundle settings for a tiny random ViT: the mechanics only (a random ViT is no feature extractor)
 TINY_VIT = {"embed_dim": 24, "depth": 2, "num_heads": 2, "patch_size": 8}
+TINY_VIT_SETTINGS = {
+    "backbone": "random",
+    "backbone_kwargs": TINY_VIT,
+    "feature_blocks": 2,
+    "slice_depth": 8,
+    "grid_size": 32,
+    "proj_dim": 16,
+}
+# where make_phantom_cohort puts images and masks
+PHANTOM = {"image_pattern": "{id}/{id}_flair.nii.gz", "mask_pattern": "{id}/{id}_brainmask.nii.gz"}
 # the DINOv2 ViT-S/14 architecture shrunk to stay fast; patch size stays 14 like the real one
 TINY_DINOV2 = {"depth": 2, "embed_dim": 48, "num_heads": 2}
 # an LPS-oriented affine with anisotropic voxels (1.2 x 1.0 x 2.0 mm) and an offset origin
@@ -38,3 +51,11 @@ def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray = LPS_AFFINE) 
 def ellipsoid(shape, centre, radii) -> np.ndarray:
     grid = np.indices(shape).astype(np.float64)
     return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii)) <= 1.0
+
+
+def run_in_process(**overrides):
+    """Parse the bundle config with overrides and run it in this process (faster than a subprocess)."""
+    parser = ConfigParser()
+    parser.read_config(str(INFERENCE))
+    parser.update({"progress": False, "write_overview": False, "bundle_root": str(ROOT / "bundle"), **overrides})
+    return parser.get_parsed_content("runner").run()

@@ -13,24 +13,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from monai.bundle import ConfigParser
 
 from scripts.metrics import voxel_metrics
 from scripts.outputs import subject_files
 from scripts.phantoms import make_phantom_cohort
 
-ROOT = Path(__file__).resolve().parents[1]
-INFERENCE = ROOT / "bundle" / "configs" / "inference.json"
-# a tiny random ViT: the mechanics only (a random ViT is no feature extractor)
-TINY_VIT = {
-    "backbone": "random",
-    "backbone_kwargs": {"embed_dim": 24, "depth": 2, "num_heads": 2, "patch_size": 8},
-    "feature_blocks": 2,
-    "slice_depth": 8,
-    "grid_size": 32,
-    "proj_dim": 16,
-}
-PHANTOM = {"image_pattern": "{id}/{id}_flair.nii.gz", "mask_pattern": "{id}/{id}_brainmask.nii.gz"}
+from helpers import INFERENCE, PHANTOM, ROOT, TINY_VIT_SETTINGS, run_in_process
+
 
 
 def run_bundle(tmp_path: Path, **overrides) -> subprocess.CompletedProcess:
@@ -55,7 +44,7 @@ def test_end_to_end_tiny_vit(cohort, tmp_path):
     folder, records = cohort
     before = digest(folder)
     out = tmp_path / "out"
-    result = run_bundle(tmp_path, dataset_dir=folder, output_dir=out, **PHANTOM, **TINY_VIT)
+    result = run_bundle(tmp_path, dataset_dir=folder, output_dir=out, **PHANTOM, **TINY_VIT_SETTINGS)
     assert result.returncode == 0, result.stderr[-3000:]
     assert digest(folder) == before, "inputs must never be modified"
     assert "is NOT DINOv2" in result.stdout + result.stderr
@@ -79,7 +68,7 @@ def test_end_to_end_tiny_vit(cohort, tmp_path):
     assert run["settings"]["grid_size"] == 32 and run["problems"] == []
     assert set(run["timings_s"]) >= {"encode_s", "score_s", "write_s", "total_s"}
 
-    again = run_bundle(tmp_path, dataset_dir=folder, output_dir=out, **PHANTOM, **TINY_VIT)
+    again = run_bundle(tmp_path, dataset_dir=folder, output_dir=out, **PHANTOM, **TINY_VIT_SETTINGS)
     assert again.returncode != 0 and "--overwrite true" in again.stderr
     assert not list(out.glob(".*tmp*")), "no temporary files may be left behind"
 
@@ -96,7 +85,7 @@ def test_bad_subjects_are_reported_and_skipped(cohort, tmp_path):
     nan[3, 4, 5] = np.nan
     nib.save(nib.Nifti1Image(nan, np.eye(4)), data / "withnan.nii.gz")
     out = tmp_path / "out"
-    result = run_bundle(tmp_path, dataset_dir=data, output_dir=out, **TINY_VIT)
+    result = run_bundle(tmp_path, dataset_dir=data, output_dir=out, **TINY_VIT_SETTINGS)
     assert result.returncode == 0, result.stderr[-3000:]
     problems = json.loads((out / "run.json").read_text())["problems"]
     text = "\n".join(problems)
@@ -112,7 +101,7 @@ def test_fewer_than_three_subjects_is_a_clear_error(cohort, tmp_path):
     data.mkdir()
     for rec in records[:2]:
         os.symlink(rec["image"], data / f"{rec['subject']}.nii.gz")
-    result = run_bundle(tmp_path, dataset_dir=data, output_dir=tmp_path / "out", **TINY_VIT)
+    result = run_bundle(tmp_path, dataset_dir=data, output_dir=tmp_path / "out", **TINY_VIT_SETTINGS)
     assert result.returncode != 0
     assert "needs at least 3" in result.stderr
 
@@ -129,14 +118,6 @@ def test_network_in_out_and_metadata_verify():
         result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
         assert "verified with no error" in result.stdout + result.stderr
-
-
-def run_in_process(**overrides):
-    """Parse the bundle config with overrides and run it in this process (faster than a subprocess)."""
-    parser = ConfigParser()
-    parser.read_config(str(INFERENCE))
-    parser.update({"progress": False, "write_overview": False, "bundle_root": str(ROOT / "bundle"), **overrides})
-    return parser.get_parsed_content("runner").run()
 
 
 def pooled_metrics(report, output_dir, truths: dict[str, Path], masks: dict[str, Path]) -> dict[str, float]:

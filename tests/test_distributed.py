@@ -14,14 +14,14 @@ import numpy as np
 
 from scripts.outputs import subject_files
 from scripts.phantoms import make_phantom_cohort
-from test_bundle import INFERENCE, PHANTOM, ROOT, TINY_VIT
+from helpers import INFERENCE, PHANTOM, ROOT, TINY_VIT_SETTINGS
 
 
 def bundle_args(config_files, data, out, tokenization):
     args = ["-m", "monai.bundle", "run", "--config_file", repr([str(f) for f in config_files]),
             "--dataset_dir", str(data), "--output_dir", str(out), "--progress", "false", "--cache_dir", "''",
             "--tokenization", tokenization]
-    for key, value in {**PHANTOM, **TINY_VIT}.items():
+    for key, value in {**PHANTOM, **TINY_VIT_SETTINGS}.items():
         args += [f"--{key}", repr(value) if isinstance(value, dict) else str(value)]
     return args
 

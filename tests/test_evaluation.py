@@ -1,4 +1,4 @@
-"""The evaluation workflow: metric functions against brute force / scikit-learn, and evaluate.json end to end."""
+"""The evaluation workflow: evaluate.json end to end."""
 
 from __future__ import annotations
 
@@ -7,34 +7,9 @@ import json
 import subprocess
 import sys
 
-import numpy as np
-from sklearn.metrics import roc_auc_score
 
-from scripts.evaluation import best_dice, subject_metrics
-from scripts.metrics import dice
 from scripts.phantoms import make_phantom_cohort
-from test_bundle import INFERENCE, PHANTOM, ROOT, TINY_VIT
-
-
-def test_best_dice_is_the_best_over_all_thresholds():
-    rng = np.random.default_rng(0)
-    truth = rng.random(400) < 0.2
-    scores = rng.random(400) + truth * 0.4
-    got, at = best_dice(scores, truth)
-    brute = max(dice(scores >= t, truth) for t in np.unique(scores))
-    assert abs(got - brute) < 1e-12
-    assert abs(dice(scores >= at, truth) - got) < 1e-12
-    assert np.isnan(best_dice(scores, np.zeros(400, bool))[0])
-
-
-def test_subject_metrics_match_scikit_learn():
-    rng = np.random.default_rng(1)
-    truth = rng.random(1000) < 0.1
-    scores = rng.normal(size=1000) + truth
-    m = subject_metrics(scores, truth, scores > 1.0)
-    assert m["auroc"] == roc_auc_score(truth, scores)
-    assert m["dice_at_threshold"] == dice(scores > 1.0, truth)
-    assert m["lesion_voxels"] == truth.sum()
+from helpers import INFERENCE, PHANTOM, ROOT, TINY_VIT_SETTINGS
 
 
 def test_evaluate_workflow_end_to_end(tmp_path):
@@ -43,7 +18,7 @@ def test_evaluate_workflow_end_to_end(tmp_path):
     args = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
             repr([str(INFERENCE), str(ROOT / "bundle" / "configs" / "evaluate.json")]),
             "--dataset_dir", str(tmp_path / "c"), "--output_dir", str(out), "--progress", "false"]
-    for key, value in {**PHANTOM, **TINY_VIT, "label_pattern": "{id}/{id}_lesion.nii.gz"}.items():
+    for key, value in {**PHANTOM, **TINY_VIT_SETTINGS, "label_pattern": "{id}/{id}_lesion.nii.gz"}.items():
         args += [f"--{key}", repr(value) if isinstance(value, dict) else str(value)]
     result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -57,11 +57,12 @@ def test_fine_scores_match_brute_force(axis, matching):
         torch.testing.assert_close(got, want, equal_nan=True)
 
 
-def test_selection_points_at_the_closest_subjects():
+@pytest.mark.parametrize("matching", ["window", "global"])
+def test_selection_points_at_the_closest_subjects(matching):
     g = torch.Generator().manual_seed(0)
     tokens = torch.randn(6, 4, 3, 3, 3, generator=g)
     valid = torch.ones(6, 3, 3, 3, dtype=torch.bool)
-    scores, chosen, matched = mutual_scores(tokens, valid, alpha=0.4, matching="global", return_selection=True)
+    scores, chosen, matched = mutual_scores(tokens, valid, alpha=0.4, matching=matching, return_selection=True)
     assert chosen.shape == (6, 2, 3, 3, 3) and matched.shape == (6, 2, 3, 3, 3)
     assert not (chosen == torch.arange(6).view(6, 1, 1, 1, 1)).any(), "a subject is never its own reference"
     flat = tokens.flatten(2)
@@ -70,6 +71,9 @@ def test_selection_points_at_the_closest_subjects():
             pos = torch.unravel_index(torch.tensor(t), (3, 3, 3))
             d = [float((flat[i, :, t] - flat[j, :, matched[(i, s, *pos)]]).norm()) for s, j in enumerate(chosen[(i, slice(None), *pos)].tolist())]
             assert sum(d) / 2 == pytest.approx(float(scores[(i, *pos)]), rel=1e-5)
+            if matching == "window":  # the match lies within one grid position
+                where = torch.stack(torch.unravel_index(matched[(i, slice(None), *pos)], (3, 3, 3)), -1)
+                assert int((where - torch.stack(pos)).abs().max()) <= 1
 
 
 def test_fine_tokens_find_a_lesion_too_small_for_coarse_tokens():

@@ -28,18 +28,13 @@ from requests_toolbelt.multipart.decoder import MultipartDecoder  # noqa: E402  
 
 from scripts.phantoms import make_phantom_cohort  # noqa: E402
 
+from helpers import TINY_VIT_SETTINGS  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "apps" / "cs3f_label"
-# a tiny random ViT: the mechanics only (a random ViT is no feature extractor); JSON without spaces because
-# the `monailabel` launcher script re-splits its arguments on spaces
-TINY_VIT = {
-    "backbone": "random",
-    "backbone_kwargs": '{"embed_dim":24,"depth":2,"num_heads":2,"patch_size":8}',
-    "feature_blocks": "2",
-    "slice_depth": "8",
-    "grid_size": "32",
-    "proj_dim": "16",
-}
+# the tests' tiny random ViT as command-line values; JSON without spaces because the `monailabel` launcher
+# script re-splits its arguments on spaces
+TINY_VIT = {k: v if isinstance(v, str) else json.dumps(v, separators=(",", ":")) for k, v in TINY_VIT_SETTINGS.items()}
 STUDIES = ["sub-01", "sub-02", "sub-03", "sub-04"]  # sub-05 is added while the server runs
 START_TIMEOUT_S = 120
 REQUEST_TIMEOUT_S = 120

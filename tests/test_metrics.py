@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from scripts.metrics import dice, voxel_metrics
+from scripts.metrics import best_dice, dice, subject_metrics, voxel_metrics
 
 
 def _cohort(seed: int):
@@ -84,3 +84,24 @@ def test_dice_edge_cases():
     assert isinstance(dice(a, b), float)
     # non-boolean inputs count as "non-zero"
     assert dice(a.astype(np.uint8) * 5, b.astype(np.float32)) == pytest.approx(2 / 3)
+
+
+def test_best_dice_is_the_best_over_all_thresholds():
+    rng = np.random.default_rng(0)
+    truth = rng.random(400) < 0.2
+    scores = rng.random(400) + truth * 0.4
+    got, at = best_dice(scores, truth)
+    brute = max(dice(scores >= t, truth) for t in np.unique(scores))
+    assert abs(got - brute) < 1e-12
+    assert abs(dice(scores >= at, truth) - got) < 1e-12
+    assert np.isnan(best_dice(scores, np.zeros(400, bool))[0])
+
+
+def test_subject_metrics_match_scikit_learn():
+    rng = np.random.default_rng(1)
+    truth = rng.random(1000) < 0.1
+    scores = rng.normal(size=1000) + truth
+    m = subject_metrics(scores, truth, scores > 1.0)
+    assert m["auroc"] == roc_auc_score(truth, scores)
+    assert m["dice_at_threshold"] == dice(scores > 1.0, truth)
+    assert m["lesion_voxels"] == truth.sum()

@@ -42,6 +42,21 @@ def test_same_seed_writes_identical_files(cohort, tmp_path):
             assert Path(first[key]).read_bytes() == Path(second[key]).read_bytes()
 
 
+def test_an_intact_cohort_is_reused_and_a_damaged_one_rewritten(tmp_path):
+    kwargs = {"n_subjects": 2, "shape": SHAPE, "spacing": SPACING, "n_lesion_free": 1, "seed": 3}
+    first = make_phantom_cohort(tmp_path, **kwargs)
+    stamps = {r["image"]: Path(r["image"]).stat().st_mtime_ns for r in first}
+    assert make_phantom_cohort(tmp_path, **kwargs) == first
+    assert {r["image"]: Path(r["image"]).stat().st_mtime_ns for r in first} == stamps, "files were rewritten"
+
+    Path(first[0]["mask"]).write_bytes(b"damaged")
+    again = make_phantom_cohort(tmp_path, **kwargs)
+    assert again == first
+    assert nib.load(again[0]["mask"]).shape == SHAPE  # regenerated, not trusted
+    other = make_phantom_cohort(tmp_path, **{**kwargs, "seed": 4})  # other parameters: a new cohort
+    assert other[0]["lesions"] != first[0]["lesions"]
+
+
 def test_other_seed_and_other_subjects_differ(cohort, tmp_path):
     other = make_phantom_cohort(tmp_path, n_subjects=1, shape=SHAPE, spacing=SPACING, n_lesion_free=0, seed=4)
     first = _canonical(cohort[0]["image"]).get_fdata()

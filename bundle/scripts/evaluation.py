@@ -15,46 +15,21 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+from sklearn.metrics import roc_auc_score
 
 from .cohort import match_pattern
-from .metrics import dice
+from .metrics import subject_metrics
 from .outputs import atomic_path, subject_files, write_csv, write_json
 from .overview import save_overview
 from .workflow import RunReport, backbone_note
 
-__all__ = ["best_dice", "subject_metrics", "CohortEvaluator", "METRIC_FIELDS"]
+__all__ = ["CohortEvaluator", "METRIC_FIELDS"]
 
 logger = logging.getLogger(__name__)
 METRIC_FIELDS = (
     "subject", "lesion_voxels", "auroc", "average_precision", "best_dice", "best_dice_threshold",
     "dice_at_threshold", "flagged_fraction", "subject_score", "seconds",
 )
-
-
-def best_dice(scores: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
-    """Highest Dice over all thresholds of ``scores`` (= the best F1 of the precision-recall curve) and where."""
-    if not truth.any():
-        return float("nan"), float("nan")
-    precision, recall, thresholds = precision_recall_curve(truth, scores)
-    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
-    best = int(np.argmax(f1[:-1])) if len(thresholds) else 0
-    return float(f1[best]), float(thresholds[best]) if len(thresholds) else float("nan")
-
-
-def subject_metrics(scores: np.ndarray, truth: np.ndarray, flagged: np.ndarray) -> dict[str, float]:
-    """Metrics of one subject (or of pooled voxels): 1-D in-mask ``scores``, ``truth`` and ``flagged`` arrays."""
-    both = 0 < truth.sum() < truth.size
-    top, at = best_dice(scores, truth)
-    return {
-        "lesion_voxels": int(truth.sum()),
-        "auroc": float(roc_auc_score(truth, scores)) if both else float("nan"),
-        "average_precision": float(average_precision_score(truth, scores)) if both else float("nan"),
-        "best_dice": top,
-        "best_dice_threshold": at,
-        "dice_at_threshold": dice(flagged, truth) if truth.any() else float("nan"),
-        "flagged_fraction": float(flagged.mean()) if flagged.size else float("nan"),
-    }
 
 
 def _load(path: str | Path) -> np.ndarray:

@@ -105,22 +105,20 @@ class CohortInferer(Inferer):
             num_groups: G, the number of (axis, block) groups in the channel dimension.
             subjects: indices of the S subjects to score (default all N); every subject is a reference.
         """
+        total, count = 0.0, 0
+        for _, s in self._group_scores(tokens, valid, num_groups, subjects, "scoring (axis x block)"):
+            total, count = _accumulate(total, count, s)
+        return torch.where(count > 0, total / count.clamp(min=1), torch.nan).cpu()
+
+    def _group_scores(self, tokens, valid, num_groups, subjects, desc, selection=False):
+        """Mutual scores of each (axis, block) group of token channels, one group at a time."""
         device = self.device or tokens.device
         n, gc, *grid = tokens.shape
         groups = tokens.view(n, num_groups, gc // num_groups, *grid)
         valid = valid.to(device)
-        rows = n if subjects is None else len(subjects)
-        total = torch.zeros(rows, *grid, device=device)
-        count = torch.zeros(rows, *grid, device=device)
-        for g in tqdm(range(num_groups), desc="scoring (axis x block)", disable=not self.progress, leave=False):
-            s = mutual_scores(
-                groups[:, g].to(device).float(), valid, self.alpha, self.matching, self.window, self.budget_bytes,
-                subjects,
-            )
-            finite = torch.isfinite(s)
-            total += torch.where(finite, s, 0.0)
-            count += finite
-        return torch.where(count > 0, total / count.clamp(min=1), torch.nan).cpu()
+        for g in tqdm(range(num_groups), desc=desc, disable=not self.progress, leave=False):
+            yield g, mutual_scores(groups[:, g].to(device).float(), valid, self.alpha, self.matching, self.window,
+                                   self.budget_bytes, subjects, return_selection=selection)
 
     @torch.inference_mode()
     def score_entries(
@@ -141,27 +139,18 @@ class CohortInferer(Inferer):
 
     def _score_coarse_to_fine(self, tokens, valid, entries, network, subjects) -> torch.Tensor:
         device = self.device or tokens.device
-        n, gc, *grid = tokens.shape
-        groups = tokens.view(n, network.num_groups, network.channels, *grid)
-        valid = valid.to(device)
-        rows = list(range(n)) if subjects is None else list(subjects)
+        rows = list(range(tokens.shape[0])) if subjects is None else list(subjects)
         r = network.slice_depth // network.fine_depth
-        frame = [size * r for size in grid]
+        frame = [size * r for size in tokens.shape[2:]]
         per_axis = network.encoder.num_outputs
         fine = [torch.stack([e["fine"][a] for e in entries]) for a in range(len(network.axes))]
         fine_valid = [torch.stack([e["fine_valid"][a] for e in entries]).to(device) for a in range(len(network.axes))]
-        coarse_sum = torch.zeros(len(rows), *grid, device=device)
-        coarse_count = torch.zeros(len(rows), *grid, device=device)
+        coarse_sum, coarse_count = 0.0, 0
         fine_num = torch.zeros(len(rows), *frame, device=device)
         fine_den = torch.zeros(len(rows), *frame, device=device)
-        for g in tqdm(range(network.num_groups), desc="scoring coarse-to-fine", disable=not self.progress, leave=False):
-            s, chosen, matched = mutual_scores(
-                groups[:, g].to(device).float(), valid, self.alpha, self.matching, self.window, self.budget_bytes,
-                rows, return_selection=True,
-            )
-            finite = torch.isfinite(s)
-            coarse_sum += torch.where(finite, s, 0.0)
-            coarse_count += finite
+        for g, (s, chosen, matched) in self._group_scores(tokens, valid, network.num_groups, rows, "scoring coarse-to-fine",
+                                                          selection=True):
+            coarse_sum, coarse_count = _accumulate(coarse_sum, coarse_count, s)
             a, b = divmod(g, per_axis)
             block = fine[a][:, b * network.channels : (b + 1) * network.channels].to(device)
             for row, i in enumerate(rows):
@@ -192,6 +181,12 @@ class CohortInferer(Inferer):
         tokens = torch.stack([self.encode(v, network) for v in inputs])
         valid = torch.stack([self.token_validity(m, network.slice_depth) for m in masks])
         return self.score(tokens, valid, network.num_groups)[:, None]
+
+
+def _accumulate(total, count, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Running sum and count of the finite ``scores`` (for a mean that ignores NaN)."""
+    finite = torch.isfinite(scores)
+    return total + torch.where(finite, scores, 0.0), count + finite
 
 
 def _fine_kernel(network: nn.Module, axis: int) -> tuple[int, int, int]:

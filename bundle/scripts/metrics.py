@@ -1,13 +1,16 @@
-"""Voxel-level accuracy of heat maps against ground truth, with scikit-learn doing the ranking metrics."""
+"""Voxel-level accuracy of heat maps against ground truth, with scikit-learn doing the ranking metrics.
+
+All functions take in-mask voxels: what lies outside a subject's brain or body mask is not scored.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-__all__ = ["dice", "voxel_metrics"]
+__all__ = ["dice", "ranking_metrics", "best_dice", "subject_metrics", "voxel_metrics"]
 
 
 def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
@@ -15,6 +18,38 @@ def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
     p, t = np.asarray(prediction, bool), np.asarray(truth, bool)
     total = p.sum() + t.sum()
     return 1.0 if total == 0 else float(2.0 * np.logical_and(p, t).sum() / total)
+
+
+def ranking_metrics(scores: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Voxel AUROC and average precision; NaN when the voxels hold only one class (both are undefined)."""
+    both = 0 < truth.sum() < truth.size
+    return {
+        "auroc": float(roc_auc_score(truth, scores)) if both else float("nan"),
+        "average_precision": float(average_precision_score(truth, scores)) if both else float("nan"),
+    }
+
+
+def best_dice(scores: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """Highest Dice over all thresholds of ``scores`` (= the best F1 of the precision-recall curve) and where."""
+    if not truth.any():
+        return float("nan"), float("nan")
+    precision, recall, thresholds = precision_recall_curve(truth, scores)
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    best = int(np.argmax(f1[:-1])) if len(thresholds) else 0
+    return float(f1[best]), float(thresholds[best]) if len(thresholds) else float("nan")
+
+
+def subject_metrics(scores: np.ndarray, truth: np.ndarray, flagged: np.ndarray) -> dict[str, float]:
+    """Metrics of one subject (or of pooled voxels): 1-D in-mask ``scores``, ``truth`` and ``flagged`` arrays."""
+    top, at = best_dice(scores, truth)
+    return {
+        "lesion_voxels": int(truth.sum()),
+        **ranking_metrics(scores, truth),
+        "best_dice": top,
+        "best_dice_threshold": at,
+        "dice_at_threshold": dice(flagged, truth) if truth.any() else float("nan"),
+        "flagged_fraction": float(flagged.mean()) if flagged.size else float("nan"),
+    }
 
 
 def voxel_metrics(
@@ -26,10 +61,8 @@ def voxel_metrics(
     """
     scores = np.concatenate([np.asarray(h, np.float32)[np.asarray(m, bool)] for h, m in zip(heats, masks)])
     labels = np.concatenate([np.asarray(t, bool)[np.asarray(m, bool)] for t, m in zip(truths, masks)])
-    both = 0 < labels.sum() < labels.size
     return {
-        "auroc": float(roc_auc_score(labels, scores)) if both else float("nan"),
-        "average_precision": float(average_precision_score(labels, scores)) if both else float("nan"),
+        **ranking_metrics(scores, labels),
         "dice": dice(scores >= threshold, labels),
         "lesion_fraction": float(labels.mean()),
     }

@@ -8,6 +8,7 @@ at the default shape and spacing lesion radii are about 3-12 mm.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -17,12 +18,17 @@ import numpy as np
 from nibabel import orientations
 from scipy import ndimage
 
+from .outputs import atomic_path
+from .token_cache import file_digest
+
 # Tissue labels and their FLAIR-like intensities (white matter is the reference for lesion contrast).
 BACKGROUND, SCALP, SKULL, CSF, GM, WM, NUCLEI = range(7)
 INTENSITY = np.array([0.0, 0.9, 0.05, 0.1, 0.75, 0.6, 0.7], dtype=np.float32)
 
 DEFAULT_FOV_MM = np.array([144.0, 168.0, 144.0])  # default shape (96, 112, 96) at 1.5 mm
 ORIENTATIONS = ("RAS", "LPS", "LAS", "PSR")  # cycled through the subjects for on-disk storage
+MANIFEST_VERSION = 1  # bump when the generator changes what a seed produces
+FILE_KEYS = ("image", "mask", "label")
 
 # Deep grey nuclei (centre, semi-axes) for the right hemisphere, in brain-normalised coordinates;
 # mirrored to the left. Roughly thalamus, lentiform nucleus and caudate head.
@@ -36,11 +42,43 @@ def make_phantom_cohort(out_dir: str | Path, n_subjects: int = 8, shape: tuple[i
     """Write `n_subjects` phantoms (FLAIR, brain mask, lesion mask) under `out_dir/sub-XX/`.
 
     The last `n_lesion_free` subjects have no lesions. Lesions sit at different world positions in
-    different subjects, because the detector scores each subject against the others.
+    different subjects, because the detector scores each subject against the others. A cohort already
+    written with the same parameters (`out_dir/cohort.json`, files unchanged) is reused, not rewritten.
     """
     if n_subjects < 1 or not 0 <= n_lesion_free <= n_subjects:
         raise ValueError(f"need n_subjects >= 1 and 0 <= n_lesion_free <= n_subjects, "
                          f"got {n_subjects=} {n_lesion_free=}")
+    parameters = {"version": MANIFEST_VERSION, "n_subjects": n_subjects, "shape": list(shape), "spacing": spacing,
+                  "n_lesion_free": n_lesion_free, "seed": seed}
+    out_dir = Path(out_dir)
+    manifest = out_dir / "cohort.json"
+    records = _reusable(out_dir, manifest, parameters)
+    if records is None:
+        records = _write_cohort(out_dir, n_subjects, shape, spacing, n_lesion_free, seed)
+        files = [Path(r[key]) for r in records for key in FILE_KEYS]
+        stored = [{**r, **{key: Path(r[key]).relative_to(out_dir).as_posix() for key in FILE_KEYS}} for r in records]
+        digests = {f.relative_to(out_dir).as_posix(): file_digest(f) for f in files}
+        with atomic_path(manifest) as tmp:
+            tmp.write_text(json.dumps({"parameters": parameters, "subjects": stored, "digests": digests}, indent=1))
+    return records
+
+
+def _reusable(out_dir: Path, manifest: Path, parameters: dict) -> list[dict] | None:
+    """The records of an intact cohort written earlier into ``out_dir`` with these parameters, else None."""
+    try:
+        content = json.loads(manifest.read_text())
+        if content["parameters"] != parameters:
+            return None
+        for name, digest in content["digests"].items():
+            if not (out_dir / name).is_file() or file_digest(out_dir / name) != digest:
+                return None
+        return [{**r, **{key: str(out_dir / r[key]) for key in FILE_KEYS}} for r in content["subjects"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_cohort(out_dir: Path, n_subjects: int, shape: tuple[int, int, int], spacing: float, n_lesion_free: int,
+                  seed: int) -> list[dict]:
     grid = np.asarray(shape, dtype=int)
     scale = float((grid * spacing).mean() / DEFAULT_FOV_MM.mean())
     affine = np.diag([spacing, spacing, spacing, 1.0])
@@ -65,8 +103,7 @@ def make_phantom_cohort(out_dir: str | Path, n_subjects: int = 8, shape: tuple[i
         sid = f"sub-{i + 1:0{width}d}"
         folder = Path(out_dir) / sid
         folder.mkdir(parents=True, exist_ok=True)
-        paths = {key: folder / f"{sid}_{suffix}.nii.gz"
-                 for key, suffix in (("image", "flair"), ("mask", "brainmask"), ("label", "lesion"))}
+        paths = {key: folder / f"{sid}_{suffix}.nii.gz" for key, suffix in zip(FILE_KEYS, ("flair", "brainmask", "lesion"))}
         codes = ORIENTATIONS[i % len(ORIENTATIONS)]
         for key, data in (("image", image), ("mask", brain.astype(np.uint8)), ("label", label)):
             stored, stored_affine = _reorient(data, affine, codes)

@@ -3,8 +3,8 @@
 A token of subject i is normal when the other subjects have something like it. For each other subject j
 we take the distance to j's nearest valid token (within +-``radius`` grid positions in ``window`` mode,
 anywhere in ``global`` mode); the token's score is the mean of the ``ceil(alpha * (N - 1))`` smallest of
-those distances. Distances are computed in chunks so that the working memory stays under a budget
-whatever the cohort size.
+those distances. Distances are computed in blocks of bounded size and reference subjects are gathered a block at a
+time, so the working memory stays flat whatever the cohort size.
 """
 
 from __future__ import annotations
@@ -29,6 +29,15 @@ __all__ = [
 
 MATCHING_MODES = ("window", "global")
 _BYTES = 4  # float32
+# Distances are computed in blocks of about this size: blocks that stream through the CPU caches are faster
+# than budget-sized ones (``benchmarks/perf.py --only blocks``), and they keep the working memory of scoring
+# flat in the cohort size. ``memory_budget_mb`` still caps every block.
+BLOCK_BYTES = 8 << 20
+
+
+def block_bytes(budget_bytes: int) -> int:
+    """Size of one distance block under ``budget_bytes``."""
+    return max(1, min(budget_bytes, BLOCK_BYTES))
 
 
 def num_closest(alpha: float, num_subjects: int) -> int:
@@ -44,36 +53,43 @@ def window_offsets(radius: int) -> list[tuple[int, int, int]]:
     return [(dx, dy, dz) for dx in r for dy in r for dz in r]
 
 
+def _blocks(index: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """``index`` in consecutive pieces of ``size`` (at least one element each)."""
+    size = max(1, size)
+    return [index[start : start + size] for start in range(0, len(index), size)]
+
+
 def nearest_distances_window(
     query: torch.Tensor, refs: torch.Tensor, ref_valid: torch.Tensor, radius: int, budget_bytes: int = 256 << 20,
-    return_match: bool = False,
+    return_match: bool = False, index: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Distance from each query token to the nearest valid reference token within +-``radius`` positions.
 
     Args:
         query: ``(C, X, Y, Z)`` tokens of one subject.
-        refs: ``(M, C, X, Y, Z)`` tokens of M reference subjects on the same grid.
-        ref_valid: ``(M, X, Y, Z)`` bool, which reference tokens may be matched.
+        refs: ``(N, C, X, Y, Z)`` tokens of the reference subjects on the same grid.
+        ref_valid: ``(N, X, Y, Z)`` bool, which reference tokens may be matched.
         radius: half-width of the search window, in grid positions.
-        budget_bytes: bound on the temporary memory; references are processed in chunks that fit it.
+        budget_bytes: bound on the temporary memory (see ``BLOCK_BYTES``).
         return_match: also return where the nearest token is.
+        index: the M subjects of ``refs`` to compare with (default: all); they are gathered a block at a
+            time, so the working memory does not grow with the cohort.
 
     Returns:
         ``(M, X, Y, Z)`` L2 distances, ``inf`` where the window holds no valid reference token; with
         ``return_match``, also the flat grid index of the matched reference token (``(M, X, Y, Z)``, long).
     """
-    m, c, *grid = refs.shape
-    n_tokens = math.prod(grid)
-    per_ref = 3 * c * n_tokens * _BYTES  # shifted view copy, difference, squared difference
-    chunk = max(1, budget_bytes // per_ref)
+    index = torch.arange(refs.shape[0], device=refs.device) if index is None else index
+    c, *grid = query.shape
+    per_ref = 3 * c * math.prod(grid) * _BYTES  # padded copy, difference, squared difference
     pad = (radius,) * 6
     offsets = window_offsets(radius)
     out, where = [], []
-    for start in range(0, m, chunk):
-        block = F.pad(refs[start : start + chunk], pad)
-        valid = F.pad(ref_valid[start : start + chunk], pad, value=False)
-        best = torch.full((block.shape[0], *grid), math.inf, device=refs.device)
-        best_offset = torch.zeros((block.shape[0], *grid), dtype=torch.long, device=refs.device)
+    for block_index in _blocks(index, block_bytes(budget_bytes) // per_ref):
+        block = F.pad(refs[block_index], pad)
+        valid = F.pad(ref_valid[block_index], pad, value=False)
+        best = torch.full((len(block_index), *grid), math.inf, device=refs.device)
+        best_offset = torch.zeros((len(block_index), *grid), dtype=torch.long, device=refs.device)
         for o, (dx, dy, dz) in enumerate(offsets):
             sl = (slice(radius + dx, radius + dx + grid[0]), slice(radius + dy, radius + dy + grid[1]),
                   slice(radius + dz, radius + dz + grid[2]))
@@ -87,46 +103,58 @@ def nearest_distances_window(
     distances = torch.cat(out)
     if not return_match:
         return distances
-    shift = torch.tensor(offsets, device=refs.device)[torch.cat(where)]  # (M, X, Y, Z, 3)
-    position = torch.stack(torch.meshgrid(*(torch.arange(n, device=refs.device) for n in grid), indexing="ij"), -1)
-    matched = (position + shift).clamp(min=0)
+    # matched position = own position + chosen offset (clamped: unmatched tokens point at a valid index)
+    shift = torch.tensor(offsets, device=refs.device).T  # (3, offsets)
+    flat = torch.zeros_like(distances, dtype=torch.long)
+    chosen = torch.cat(where)
     for axis, n in enumerate(grid):
-        matched[..., axis].clamp_(max=n - 1)
-    flat = (matched[..., 0] * grid[1] + matched[..., 1]) * grid[2] + matched[..., 2]
+        shape = [1, 1, 1]
+        shape[axis] = n
+        coord = (torch.arange(n, device=refs.device).view(shape) + shift[axis][chosen]).clamp_(0, n - 1)
+        flat = flat * n + coord
     return distances, flat
 
 
 def nearest_distances_global(
     query: torch.Tensor, refs: torch.Tensor, ref_valid: torch.Tensor, budget_bytes: int = 256 << 20,
-    return_match: bool = False,
+    return_match: bool = False, index: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Distance from each query token to the nearest valid token of each reference subject, anywhere.
 
+    Squared distances come from one matrix product per block (``|q|^2 + |r|^2 - 2 q.r``, as
+    ``torch.cdist`` does for large inputs): exact to float32 rounding, an order of magnitude faster than
+    forming every difference vector.
+
     Args:
         query: ``(T, C)`` tokens of one subject.
-        refs: ``(M, T', C)`` tokens of M reference subjects.
-        ref_valid: ``(M, T')`` bool, which reference tokens may be matched.
-        budget_bytes: bound on the distance block held at once (query rows x reference tokens).
+        refs: ``(N, T', C)`` tokens of the reference subjects.
+        ref_valid: ``(N, T')`` bool, which reference tokens may be matched.
+        budget_bytes: bound on the distance block held at once (see ``BLOCK_BYTES``).
         return_match: also return where the nearest token is.
+        index: the M subjects of ``refs`` to compare with (default: all), taken one at a time.
 
     Returns:
         ``(M, T)`` L2 distances, ``inf`` for a reference subject without valid tokens; with ``return_match``,
         also the index (into T') of the matched reference token (``(M, T)``, long).
     """
+    index = torch.arange(refs.shape[0], device=refs.device) if index is None else index
+    query = query.contiguous()
     t = query.shape[0]
-    out = torch.full((refs.shape[0], t), math.inf, device=query.device)
-    matched = torch.zeros((refs.shape[0], t), dtype=torch.long, device=query.device)
-    for j in range(refs.shape[0]):
-        index = ref_valid[j].nonzero()[:, 0]
-        candidates = refs[j][index]
+    query_sq = query.square().sum(1)
+    out = torch.full((len(index), t), math.inf, device=query.device)
+    matched = torch.zeros((len(index), t), dtype=torch.long, device=query.device)
+    for m, j in enumerate(index.tolist()):
+        valid_index = ref_valid[j].nonzero()[:, 0]
+        candidates = refs[j][valid_index]
         if candidates.shape[0] == 0:
             continue
-        rows = max(1, budget_bytes // (2 * candidates.shape[0] * _BYTES))
+        candidates_sq = candidates.square().sum(1)
+        rows = max(1, block_bytes(budget_bytes) // (candidates.shape[0] * _BYTES))
         for start in range(0, t, rows):
-            d = torch.cdist(query[start : start + rows], candidates, compute_mode="donot_use_mm_for_euclid_dist")
-            nearest = d.min(dim=1)
-            out[j, start : start + rows] = nearest.values
-            matched[j, start : start + rows] = index[nearest.indices]
+            sl = slice(start, start + rows)
+            nearest = torch.addmm(candidates_sq, query[sl], candidates.T, alpha=-2).min(dim=1)
+            out[m, sl] = (nearest.values + query_sq[sl]).clamp_(min=0).sqrt_()
+            matched[m, sl] = valid_index[nearest.indices]
     return (out, matched) if return_match else out
 
 
@@ -175,21 +203,23 @@ def mutual_scores(
         raise ValueError(f"cross-subject scoring needs at least 3 subjects, got {n}")
     k = num_closest(alpha, n)
     grid = tokens.shape[2:]
-    flat = tokens.flatten(2).transpose(1, 2) if matching == "global" else None  # (N, T, C)
+    flat = tokens.flatten(2).transpose(1, 2) if matching == "global" else None  # (N, T, C), a view
+    flat_valid = valid.flatten(1)
     scores, chosen, matches = [], [], []
     for i in range(n) if subjects is None else subjects:
         others = torch.tensor([j for j in range(n) if j != i], device=tokens.device)
         if flat is None:
-            d, where = nearest_distances_window(tokens[i], tokens[others], valid[others], radius, budget_bytes, True)
+            found = nearest_distances_window(tokens[i], tokens, valid, radius, budget_bytes, return_selection, others)
         else:
-            d, where = nearest_distances_global(flat[i], flat[others], valid[others].flatten(1), budget_bytes, True)
-            d, where = d.view(-1, *grid), where.view(-1, *grid)
+            found = nearest_distances_global(flat[i], flat, flat_valid, budget_bytes, return_selection, others)
+        d, where = found if return_selection else (found, None)
+        d = d.view(-1, *grid)
         s = mean_of_closest(d, k)
         scores.append(torch.where(valid[i], s, math.nan))
         if return_selection:
             closest = d.topk(min(k, d.shape[0]), dim=0, largest=False).indices
             chosen.append(others[closest])
-            matches.append(where.gather(0, closest))
+            matches.append(where.view(-1, *grid).gather(0, closest))
     if return_selection:
         return torch.stack(scores), torch.stack(chosen), torch.stack(matches)
     return torch.stack(scores)
@@ -248,7 +278,7 @@ def fine_scores(
     q = query.movedim(1 + axis, 1).reshape(c, coarse[axis], r, *plane).permute(1, 3, 4, 2, 0).reshape(t, r, c)
     q_ok = query_valid.movedim(axis, 0).reshape(coarse[axis], r, *plane).permute(0, 2, 3, 1).reshape(t, r)
     out = torch.full((t, r), math.nan, device=query.device)
-    rows = max(1, budget_bytes // (3 * k * (r + 2 * margin) * c * _BYTES))
+    rows = max(1, block_bytes(budget_bytes) // (3 * k * (r + 2 * margin) * c * _BYTES))
     for start in range(0, t, rows):
         sl = slice(start, start + rows)
         a_idx = (m_a[sl] * r)[..., None] + window  # (t, k, w) indices into the padded slice axis

@@ -6,10 +6,16 @@ Three passes keep memory bounded by one preprocessed volume plus the (small) tok
 encoding (preprocess, tokenize, drop the volume), scoring (tokens only), writing (preprocess again,
 invert to the original space, write). A subject that fails in any pass is reported and skipped; the
 others still get their results.
+
+Re-runs do only what changed: tokens come from the token cache, and a subject whose results in
+``output_dir`` were written from the same inputs, settings, token scores and threshold (recorded in
+``run.json`` with the digests of its files, which are checked) keeps them instead of being written again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import platform
@@ -41,7 +47,7 @@ from .outputs import (
 from .overview import save_overview
 from .reporting import banner
 from .scoring import robust_threshold
-from .token_cache import TokenCache
+from .token_cache import TokenCache, file_digest
 from .tokenizer import MultiAxisTokenizer
 
 __all__ = ["CohortError", "CohortRunner", "Encoded", "RunReport", "SCORE_FIELDS"]
@@ -68,6 +74,8 @@ class RunReport:
     """What happened, for ``run.json`` and the caller."""
 
     subjects: list[dict[str, Any]] = field(default_factory=list)
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)  # per subject: key, file digests, row
+    reused: int = 0  # subjects whose results were up to date
     problems: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     threshold: float = float("nan")
@@ -170,17 +178,22 @@ class CohortRunner:
         report.timings["score_s"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
-        rows, failures = [], []
+        previous = previous_results(self.output_dir)
+        records, failures = {}, []
         for i in tqdm(mine, desc="writing", disable=not self.progress, leave=False):
             subject = encoded[i].subject
             try:
-                rows.append(self.write_subject(subject, scores[i], report.threshold))
+                records[subject["subject"]] = self._write_or_keep(subject, scores[i], report.threshold, previous)
             except Exception as err:  # one subject's failure must not lose the others' results
                 failures.append(f"{subject['subject']} ({subject['image']}): writing failed: {root_cause(err)}")
                 logger.error(failures[-1])
-        for shard_rows, shard_failures in all_gather((rows, failures)):
-            report.subjects += shard_rows
+        for shard_records, shard_failures in all_gather((records, failures)):
+            report.results.update(shard_records)
             report.problems += shard_failures
+        report.subjects = [record["row"] for record in report.results.values()]
+        report.reused = sum(record.pop("kept", False) for record in report.results.values())
+        if report.reused:
+            logger.info("%d subject(s) had up-to-date results in %s and were not written again", report.reused, self.output_dir)
         report.timings["write_s"] = time.perf_counter() - tick
         report.timings["total_s"] = time.perf_counter() - start
         report.timings["processes"] = world
@@ -208,6 +221,28 @@ class CohortRunner:
         entry = self.inferer.encode_subject(data["image"], data["mask"], self.network)
         self.cache.save(subject, entry)
         return entry
+
+    def _write_or_keep(
+        self, subject: dict[str, str], token_scores: torch.Tensor, threshold: float, previous: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Write one subject's results unless ``output_dir`` already holds them intact; return its record."""
+        key = self._result_key(subject, token_scores, threshold)
+        record = previous.get(subject["subject"])
+        if isinstance(record, Mapping) and record.get("key") == key and files_intact(record.get("files", {}), self.output_dir):
+            return {**record, "kept": True}
+        row = self.write_subject(subject, token_scores, threshold)
+        written = [path for name, path in subject_files(self.output_dir, subject["subject"]).items()
+                   if name != "overview" or self.overview]
+        return {"key": key, "files": {p.name: file_digest(p) for p in written}, "row": row}
+
+    def _result_key(self, subject: Mapping[str, str], token_scores: torch.Tensor, threshold: float) -> str:
+        """Identity of everything a subject's written results depend on."""
+        digest = hashlib.sha256(json.dumps(
+            {"settings": self.settings, "top_fraction": self.top_fraction, "overview": self.overview,
+             "threshold": threshold, "inputs": {k: file_digest(subject[k]) for k in ("image", "mask") if subject.get(k)}},
+            sort_keys=True, default=str).encode())
+        digest.update(token_scores.contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
     def write_subject(
         self, subject: dict[str, str], token_scores: torch.Tensor, threshold: float, output_dir: str | Path | None = None
@@ -259,10 +294,12 @@ class CohortRunner:
                 },
                 "threshold": {**self.threshold, "score": report.threshold},
                 "subjects_written": len(report.subjects),
+                "subjects_kept": report.reused,
                 "token_cache": {"dir": str(self.cache.cache_dir or ""), "hits": self.cache.hits, "misses": self.cache.misses},
                 "problems": report.problems,
                 "timings_s": report.timings,
                 "versions": versions(),
+                "results": report.results,
             },
             files["run"],
         )
@@ -271,6 +308,20 @@ class CohortRunner:
     def _log_problems(problems: list[str]) -> None:
         for p in problems:
             logger.error("skipping subject %s", p)
+
+
+def previous_results(output_dir: Path) -> dict[str, Any]:
+    """The per-subject result records of the run that last wrote ``output_dir`` (empty if none or unreadable)."""
+    try:
+        results = json.loads(cohort_files(output_dir)["run"].read_text()).get("results", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return results if isinstance(results, dict) else {}
+
+
+def files_intact(digests: Mapping[str, str], folder: Path) -> bool:
+    """Whether every file named in ``digests`` is in ``folder`` with that content."""
+    return bool(digests) and all((folder / name).is_file() and file_digest(folder / name) == d for name, d in digests.items())
 
 
 def backbone_note(encoder: Any) -> str:
