@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import ctypes
 import json
+import math
 import os
 import resource
 import shlex
@@ -24,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +58,23 @@ def peak_flops() -> tuple[float, str]:
     return peak, f"{cores} cores x {mhz:.0f} MHz x {per_cycle} FP32 FLOP/cycle (FMA) = {peak / 1e9:.0f} GFLOP/s"
 
 
+def matmul_flops(device: str, dtype: torch.dtype, seconds: float = 3.0, size: int = 2048) -> float:
+    """FLOP/s of a large matrix product on this device: the practical ceiling (the nominal peak assumes a base
+    clock that turbo clocks exceed, and no memory stalls)."""
+    a = torch.rand(size, size, device=device, dtype=dtype)
+    b = torch.rand(size, size, device=device, dtype=dtype)
+    torch.mm(a, b)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start, done = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b)
+        done += 1
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return done * 2 * size**3 / (time.perf_counter() - start)
+
+
 def vit_flops(model: torch.nn.Module, tokens: int) -> float:
     """Forward FLOPs of a ViT on one image: 2 x multiply-adds of the linear layers plus attention."""
     dim, depth = model.embed_dim, len(model.blocks)
@@ -68,6 +87,7 @@ def bench_encoding(args: argparse.Namespace) -> list[dict]:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     peak, peak_note = peak_flops()
+    ceiling = matmul_flops(device, torch.bfloat16 if device == "cuda" else torch.float32)
     rows = []
     for arch, label in (("vit_small_patch14_dinov2", "ViT-S/14"), ("vit_base_patch14_dinov2", "ViT-B/14")):
         for size in args.slice_sizes:
@@ -89,6 +109,7 @@ def bench_encoding(args: argparse.Namespace) -> list[dict]:
             rows.append({
                 "backbone": label, "slice_px": size, "dtype": "bf16" if amp else "fp32", "slices_per_s": done / elapsed,
                 "gflop_per_slice": per_slice / 1e9, "fraction_of_peak": done / elapsed * per_slice / peak,
+                "fraction_of_matmul": done / elapsed * per_slice / ceiling, "matmul_gflops": ceiling / 1e9,
                 "peak": peak_note, "device": device,
             })
             print(rows[-1], flush=True)
@@ -153,14 +174,24 @@ def memory_peak() -> int:
     return _rss_kib("VmHWM") * 1024
 
 
+@contextlib.contextmanager
+def block_size(block_mb: float | None) -> Iterator[None]:
+    """Score with distance blocks of ``block_mb`` (default: the library's own ``scoring.BLOCK_BYTES``)."""
+    default = scoring.BLOCK_BYTES
+    if block_mb is not None:
+        scoring.BLOCK_BYTES = int(block_mb * 2**20)
+    try:
+        yield
+    finally:
+        scoring.BLOCK_BYTES = default
+
+
 def measure_scoring(n: int, matching: str, impl: str, budget_mb: float, queries: int, block_mb: float | None = None,
                     grid: int = GRID) -> dict:
     """One measurement, in this (fresh) process: seconds per scored subject and working memory.
 
     ``block_mb`` overrides ``scoring.BLOCK_BYTES`` (the block-size sweep).
     """
-    if block_mb is not None:
-        scoring.BLOCK_BYTES = int(block_mb * 2**20)
     tokens, valid = cohort(n, grid)
     if torch.cuda.is_available():
         tokens, valid = tokens.cuda(), valid.cuda()
@@ -171,27 +202,36 @@ def measure_scoring(n: int, matching: str, impl: str, budget_mb: float, queries:
                 return mutual_scores(tokens, valid, 0.3, matching, 1, int(budget_mb * 2**20), subjects)
             return torch.stack([naive_scores(tokens, valid, 0.3, matching, 1, i) for i in subjects])
 
-    score([n - 1])  # warm-up: thread pools, lazily loaded kernels and their code pages are not working memory
-    base = memory_baseline()
-    start = time.perf_counter()
-    out = score(list(range(queries)))
-    elapsed = time.perf_counter() - start
-    peak = memory_peak()
+    with block_size(block_mb):
+        score([n - 1])  # warm-up: thread pools, lazily loaded kernels and their code pages are not working memory
+        base = memory_baseline()
+        start = time.perf_counter()
+        out = score(list(range(queries)))
+        elapsed = time.perf_counter() - start
+        peak = memory_peak()
     checksum = float(torch.nan_to_num(out, nan=0.0).double().sum())
     return {"n": n, "grid": grid, "matching": matching, "impl": impl, "block_mb": block_mb, "s_per_subject": elapsed / queries,
             "working_mb": max(0, peak - base) / 2**20, "tokens_mb": tokens.numel() * 4 / 2**20, "checksum": checksum}
 
 
+# glibc returns a freed block to the OS only above its mmap threshold, which it raises at run time after large
+# frees; a fixed threshold makes resident memory follow the live tensors (and allocation slower: memory only)
+EXACT_RSS_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
 def measure(repeats: int, **spec) -> dict:
-    """Median time and working memory of ``repeats`` fresh processes measuring ``spec`` (see ``measure_scoring``)."""
-    runs = []
-    for _ in range(repeats):
+    """Median time of ``repeats`` fresh processes measuring ``spec`` (see ``measure_scoring``), and the working
+    memory from one more process whose allocator returns freed memory at once."""
+    def run(env: dict[str, str]) -> dict:
         cmd = [sys.executable, __file__, "--measure", json.dumps(spec)]
-        runs.append(json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]))
-    row = dict(runs[0])
-    for key in ("s_per_subject", "working_mb"):
-        row[key] = statistics.median(r[key] for r in runs)
-        row[key + "_range"] = [min(r[key] for r in runs), max(r[key] for r in runs)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, **env}).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    timed = [run({}) for _ in range(repeats)]
+    row = dict(timed[0])
+    row["s_per_subject"] = statistics.median(r["s_per_subject"] for r in timed)
+    row["s_per_subject_range"] = [min(r["s_per_subject"] for r in timed), max(r["s_per_subject"] for r in timed)]
+    row["working_mb"] = run(EXACT_RSS_ENV)["working_mb"]
     row["repeats"] = repeats
     print(row, flush=True)
     return row
@@ -274,8 +314,10 @@ def demo_in_process(demo_dir: str) -> list[dict]:
 
 
 def _ms(row: dict, key: str = "s_per_subject") -> str:
+    if key != "s_per_subject":
+        return f"{row[key]:.1f}"
     low, high = row.get(key + "_range", [row[key]] * 2)
-    return f"{row[key]:.3f} ({low:.3f}-{high:.3f})" if key == "s_per_subject" else f"{row[key]:.0f} ({low:.0f}-{high:.0f})"
+    return f"{row[key]:.3f} ({low:.3f}-{high:.3f})"
 
 
 def _ratio(rows: list[dict], matching: str, key: str, small: int, large: int) -> str:
@@ -290,15 +332,20 @@ def markdown(result: dict) -> str:
     lines = ["# Performance", "", *(f"Command ({part}): `{cmd}`  " for part, cmd in commands.items()),
              f"Device: {result['device']}  ",
              f"Versions: {', '.join(f'{k} {v}' for k, v in result['versions'].items())}", "",
-             "Times and memory are medians over fresh processes (range in brackets). Working memory is the peak "
-             "resident memory of the computation minus what the process held before it (CPU: kernel peak-RSS counter "
-             "reset after a warm-up; CUDA: allocator peak).", ""]
+             "Times are medians over fresh processes (range in brackets). Working memory is the peak resident memory "
+             "of the computation minus what the process held before it, after a warm-up (CPU: the kernel's peak-RSS "
+             "counter, in a separate process whose allocator returns freed memory at once, "
+             f"{' '.join(f'{k}={v}' for k, v in EXACT_RSS_ENV.items())}; CUDA: the allocator's peak).", ""]
     if result.get("encoding"):
         lines += ["## Slice encoding (random-initialised weights: same FLOPs as DINOv2)", "",
-                  "| backbone | slice px | dtype | slices/s | GFLOP/slice | fraction of peak |", "|---|---|---|---|---|---|"]
+                  "| backbone | slice px | dtype | slices/s | GFLOP/slice | fraction of peak | fraction of measured matmul |",
+                  "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['backbone']} | {r['slice_px']} | {r['dtype']} | {r['slices_per_s']:.1f} | {r['gflop_per_slice']:.2f} | "
-                  f"{100 * r['fraction_of_peak']:.1f} % |" for r in result["encoding"]]
-        lines += ["", f"Peak: {result['encoding'][0]['peak']}.", ""]
+                  f"{100 * r['fraction_of_peak']:.1f} % | {100 * r.get('fraction_of_matmul', math.nan):.1f} % |"
+                  for r in result["encoding"]]
+        first = result["encoding"][0]
+        lines += ["", f"Peak: {first['peak']} (nominal clock from /proc/cpuinfo; turbo clocks may exceed it). Measured "
+                  f"matmul (2048^2, same dtype): {first.get('matmul_gflops', math.nan):.0f} GFLOP/s.", ""]
     if result.get("scoring"):
         rows = result["scoring"]
         lines += [f"## Scoring one group ({GRID}^3 tokens, {CHANNELS} channels, alpha 0.3) per scored subject, against "
