@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -316,3 +317,25 @@ def test_mask_outside_and_threshold():
     assert flagged.tolist() == [[[[0, 1], [0, 1]]]]  # zero heat (outside the mask) is never flagged
     flagged = ThresholdFromKeyd("anomaly")({"anomaly": out["anomaly"], "threshold": 0.5})["anomaly_mask"]
     assert flagged.tolist() == [[[[0, 0], [0, 1]]]]
+
+
+def test_writing_pass_skips_intensity_steps_and_writes_the_same_heat_map(tmp_path):
+    """``CohortRunner.write_subject`` runs the preprocessing only up to its last spatial step."""
+    parser = _parser(output_dir=str(tmp_path / "out"), backbone="intensity", progress=False, write_overview=False)
+    runner = parser.get_parsed_content("runner")
+    subject = _write_subject(tmp_path, _image())
+    scores = torch.rand(GRID // TOKEN, GRID // TOKEN, GRID // TOKEN, generator=torch.Generator().manual_seed(0))
+    normalizations = []
+    normalize = runner.preprocessing.transforms[-1]
+    assert type(normalize).__name__ == "MaskedPercentileNormalized"
+    runner.preprocessing.transforms = (*runner.preprocessing.transforms[:-1],
+                                       lambda d: normalizations.append(1) or normalize(d))
+    runner.write_subject(subject, scores, threshold=0.5)
+    assert normalizations == [], "the writing pass normalised intensities it never uses"
+
+    full = runner.preprocessing(dict(subject))
+    assert normalizations == [1]
+    full.update(anomaly=scores[None], threshold=0.5)
+    expected = runner.postprocessing(full)["anomaly"].as_tensor()[0].numpy()
+    written = np.asarray(nib.load(tmp_path / "out" / "s_anomaly.nii.gz").dataobj)
+    np.testing.assert_array_equal(written, expected)

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.transforms import Orientation
+from monai.transforms import Compose, InvertibleTransform, Orientation
 from tqdm.auto import tqdm
 
 from .cohort import find_subjects
@@ -248,7 +248,7 @@ class CohortRunner:
         self, subject: dict[str, str], token_scores: torch.Tensor, threshold: float, output_dir: str | Path | None = None
     ) -> dict[str, Any]:
         """Map one subject's token scores to its original space, write its files, return its ``scores.csv`` row."""
-        data = self.preprocessing(dict(subject))
+        data = self._preprocess_geometry(subject)
         data["anomaly"] = token_scores[None]
         data["threshold"] = threshold
         data = self.postprocessing(data)
@@ -267,6 +267,18 @@ class CohortRunner:
         if self.overview:
             self._save_overview(data, files["overview"], row)
         return row
+
+    def _preprocess_geometry(self, subject: Mapping[str, str]) -> dict[str, Any]:
+        """The preprocessing up to its last invertible (spatial) step: all that mapping scores back needs.
+
+        Intensity steps after it (normalisation) change no geometry, so the writing pass skips them, using
+        ``Compose``'s own ``end`` (as MONAI's ``CacheDataset`` does to stop before random transforms).
+        """
+        steps = getattr(self.preprocessing, "transforms", None)
+        if isinstance(self.preprocessing, Compose) and steps:
+            last = max((i for i, t in enumerate(steps) if isinstance(t, InvertibleTransform)), default=len(steps) - 1)
+            return self.preprocessing(dict(subject), end=last + 1)
+        return self.preprocessing(dict(subject))
 
     @staticmethod
     def _save_overview(data: Mapping[str, Any], path: Path, row: Mapping[str, Any]) -> None:
