@@ -18,7 +18,6 @@ import ctypes
 import json
 import math
 import os
-import resource
 import shlex
 import shutil
 import statistics
@@ -272,25 +271,31 @@ def bench_demo(args: argparse.Namespace) -> list[dict]:
     rows = []
     shutil.rmtree(out_dir, ignore_errors=True)
     for label in ("cold cache", "warm cache"):
-        start = time.perf_counter()
-        subprocess.run(cmd, cwd=ROOT, capture_output=True, check=True)
-        elapsed = time.perf_counter() - start
+        elapsed, peak_mb = run_child(cmd, ROOT)
         run = json.loads((out_dir / "outputs" / "run.json").read_text())
         rows.append({"run": f"command line, {label}", "wall_s": elapsed, "s_per_subject": elapsed / run["subjects_written"],
                      "subjects": run["subjects_written"], "subjects_kept": run["subjects_kept"],
-                     "stages_s": run["timings_s"], "backbone": run["backbone"]["used"],
-                     "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024})
+                     "stages_s": run["timings_s"], "backbone": run["backbone"]["used"], "peak_rss_mb": peak_mb})
         print(rows[-1], flush=True)
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import monai.bundle, timm, scripts"], cwd=ROOT / "bundle", check=True,
-                   capture_output=True)
-    rows.append({"run": "command line, imports only", "wall_s": time.perf_counter() - start})
+    elapsed, peak_mb = run_child([sys.executable, "-c", "import monai.bundle, timm, scripts"], ROOT / "bundle")
+    rows.append({"run": "command line, imports only", "wall_s": elapsed, "peak_rss_mb": peak_mb})
     print(rows[-1], flush=True)
     shutil.rmtree(out_dir, ignore_errors=True)
     cmd = [sys.executable, __file__, "--demo_in_process", str(out_dir)]
     rows += json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
     print(rows[-2:], flush=True)
     return rows
+
+
+def run_child(cmd: list[str], cwd: Path) -> tuple[float, float]:
+    """Wall seconds and peak resident MB of one child process (its own, from ``wait4``), which must succeed."""
+    start = time.perf_counter()
+    child = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(child.pid, 0)
+    elapsed = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{shlex.join(cmd)} failed:\n{child.stderr.read().decode()[-3000:]}")
+    return elapsed, usage.ru_maxrss / 1024
 
 
 def demo_in_process(demo_dir: str) -> list[dict]:
@@ -302,6 +307,7 @@ def demo_in_process(demo_dir: str) -> list[dict]:
         parser = ConfigParser()
         parser.read_config([str(ROOT / c) for c in DEMO_CONFIGS])
         parser.update({"demo_dir": demo_dir, "progress": False, "bundle_root": str(ROOT / "bundle")})
+        memory_baseline()  # resets the peak counter: the peak below is this job's (the process's, imports included)
         start = time.perf_counter()
         with contextlib.redirect_stdout(sys.stderr):
             parser.get_parsed_content("run")
@@ -309,7 +315,7 @@ def demo_in_process(demo_dir: str) -> list[dict]:
         run = json.loads((Path(demo_dir) / "outputs" / "run.json").read_text())
         rows.append({"run": f"in one interpreter, {label}", "wall_s": elapsed, "s_per_subject": elapsed / run["subjects_written"],
                      "subjects": run["subjects_written"], "subjects_kept": run["subjects_kept"], "stages_s": run["timings_s"],
-                     "backbone": run["backbone"]["used"]})
+                     "backbone": run["backbone"]["used"], "peak_rss_mb": memory_peak() / 2**20})
     return rows
 
 
@@ -379,12 +385,15 @@ def markdown(result: dict) -> str:
         lines.append("")
     if result.get("demo"):
         demo = {r["run"]: r for r in result["demo"]}
-        lines += ["## Demo cohort end to end", "", "| run | wall s | encode / score / write s | subjects kept | backbone |",
-                  "|---|---|---|---|---|"]
+        lines += ["## Demo cohort end to end", "",
+                  "| run | wall s | s/subject | encode / score / write s | peak RSS MB | subjects kept | backbone |",
+                  "|---|---|---|---|---|---|---|"]
         for r in result["demo"]:
             stages = r.get("stages_s", {})
             split = " / ".join(f"{stages[k]:.2f}" for k in ("encode_s", "score_s", "write_s")) if stages else "-"
-            lines.append(f"| {r['run']} | {r['wall_s']:.2f} | {split} | {r.get('subjects_kept', '-')} | {r.get('backbone', '-')} |")
+            per_subject = f"{r['s_per_subject']:.2f}" if "s_per_subject" in r else "-"
+            lines.append(f"| {r['run']} | {r['wall_s']:.2f} | {per_subject} | {split} | {r.get('peak_rss_mb', math.nan):.0f} | "
+                         f"{r.get('subjects_kept', '-')} | {r.get('backbone', '-')} |")
         cli = demo["command line, cold cache"]["wall_s"] / demo["command line, warm cache"]["wall_s"]
         inproc = demo["in one interpreter, cold cache"]["wall_s"] / demo["in one interpreter, warm cache"]["wall_s"]
         lines += ["", f"Warm-cache speed-up: **{inproc:.1f}x** for the job in one interpreter (what a notebook or the "
