@@ -75,7 +75,7 @@ class RunReport:
 
     subjects: list[dict[str, Any]] = field(default_factory=list)
     results: dict[str, dict[str, Any]] = field(default_factory=dict)  # per subject: key, file digests, row
-    reused: int = 0  # subjects whose results were up to date
+    kept: list[str] = field(default_factory=list)  # subjects whose results were up to date, not written again
     problems: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     threshold: float = float("nan")
@@ -179,21 +179,22 @@ class CohortRunner:
 
         tick = time.perf_counter()
         previous = previous_results(self.output_dir)
-        records, failures = {}, []
+        records, kept, failures = {}, [], []
         for i in tqdm(mine, desc="writing", disable=not self.progress, leave=False):
             subject = encoded[i].subject
             try:
-                records[subject["subject"]] = self._write_or_keep(subject, scores[i], report.threshold, previous)
+                records[subject["subject"]], was_kept = self._write_or_keep(subject, scores[i], report.threshold, previous)
+                kept += [subject["subject"]] if was_kept else []
             except Exception as err:  # one subject's failure must not lose the others' results
                 failures.append(f"{subject['subject']} ({subject['image']}): writing failed: {root_cause(err)}")
                 logger.error(failures[-1])
-        for shard_records, shard_failures in all_gather((records, failures)):
+        for shard_records, shard_kept, shard_failures in all_gather((records, kept, failures)):
             report.results.update(shard_records)
+            report.kept += shard_kept
             report.problems += shard_failures
         report.subjects = [record["row"] for record in report.results.values()]
-        report.reused = sum(record.pop("kept", False) for record in report.results.values())
-        if report.reused:
-            logger.info("%d subject(s) had up-to-date results in %s and were not written again", report.reused, self.output_dir)
+        if report.kept:
+            logger.info("%d subject(s) had up-to-date results in %s and were not written again", len(report.kept), self.output_dir)
         report.timings["write_s"] = time.perf_counter() - tick
         report.timings["total_s"] = time.perf_counter() - start
         report.timings["processes"] = world
@@ -224,16 +225,17 @@ class CohortRunner:
 
     def _write_or_keep(
         self, subject: dict[str, str], token_scores: torch.Tensor, threshold: float, previous: Mapping[str, Any]
-    ) -> dict[str, Any]:
-        """Write one subject's results unless ``output_dir`` already holds them intact; return its record."""
+    ) -> tuple[dict[str, Any], bool]:
+        """Write one subject's results unless ``output_dir`` already holds them intact; return its record and
+        whether the existing results were kept."""
         key = self._result_key(subject, token_scores, threshold)
         record = previous.get(subject["subject"])
         if isinstance(record, Mapping) and record.get("key") == key and files_intact(record.get("files", {}), self.output_dir):
-            return {**record, "kept": True}
+            return dict(record), True
         row = self.write_subject(subject, token_scores, threshold)
         written = [path for name, path in subject_files(self.output_dir, subject["subject"]).items()
                    if name != "overview" or self.overview]
-        return {"key": key, "files": {p.name: file_digest(p) for p in written}, "row": row}
+        return {"key": key, "files": {p.name: file_digest(p) for p in written}, "row": row}, False
 
     def _result_key(self, subject: Mapping[str, str], token_scores: torch.Tensor, threshold: float) -> str:
         """Identity of everything a subject's written results depend on."""
@@ -306,7 +308,7 @@ class CohortRunner:
                 },
                 "threshold": {**self.threshold, "score": report.threshold},
                 "subjects_written": len(report.subjects),
-                "subjects_kept": report.reused,
+                "subjects_kept": len(report.kept),
                 "token_cache": {"dir": str(self.cache.cache_dir or ""), "hits": self.cache.hits, "misses": self.cache.misses},
                 "problems": report.problems,
                 "timings_s": report.timings,
