@@ -111,3 +111,18 @@ def test_cache_round_trip_and_damaged_entries(tmp_path):
     cache.path(subject).write_bytes(b"truncated")
     assert cache.load(subject) is None and cache.misses == 2  # a damaged entry is a miss, not a failure
     assert TokenCache("", {}).load(subject) is None  # disabled
+
+
+def test_inputs_are_hashed_once_per_file_version(tmp_path, monkeypatch):
+    import scripts.token_cache as token_cache
+
+    hashed = []
+    real = token_cache.file_digest
+    monkeypatch.setattr(token_cache, "file_digest", lambda path: hashed.append(str(path)) or real(path))
+    cache = TokenCache(tmp_path / "cache", {})
+    subject = _subject(tmp_path, 1.0)
+    first = cache.key(subject)
+    cache.load(subject), cache.save(subject, {"tokens": torch.zeros(1)}), cache.input_digests(subject)
+    assert hashed == [subject["image"]] and cache.key(subject) == first
+    os.utime(subject["image"], ns=(0, 0))  # another version of the file (here: same content, new time)
+    assert cache.key(subject) == first and len(hashed) == 2

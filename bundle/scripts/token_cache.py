@@ -70,13 +70,27 @@ class TokenCache:
         self.fingerprint = hashlib.sha256(blob.encode()).hexdigest()
         self.hits = 0
         self.misses = 0
+        self._digests: dict[tuple[str, int, int], str] = {}
 
     @property
     def enabled(self) -> bool:
         return self.cache_dir is not None
 
+    def input_digests(self, subject: Mapping[str, str]) -> dict[str, str]:
+        """SHA-256 of the subject's image and mask; each file version is hashed once per run (the writing pass
+        and the cache key both need them)."""
+        digests = {}
+        for k in ("image", "mask"):
+            if subject.get(k):
+                stat = os.stat(subject[k])
+                version = (str(subject[k]), stat.st_size, stat.st_mtime_ns)
+                if version not in self._digests:
+                    self._digests[version] = file_digest(subject[k])
+                digests[k] = self._digests[version]
+        return digests
+
     def key(self, subject: Mapping[str, str]) -> str:
-        parts = [self.fingerprint] + [file_digest(subject[k]) for k in ("image", "mask") if subject.get(k)]
+        parts = [self.fingerprint, *self.input_digests(subject).values()]
         return hashlib.sha256("/".join(parts).encode()).hexdigest()
 
     def path(self, subject: Mapping[str, str]) -> Path:

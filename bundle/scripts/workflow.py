@@ -241,7 +241,7 @@ class CohortRunner:
         """Identity of everything a subject's written results depend on."""
         digest = hashlib.sha256(json.dumps(
             {"settings": self.settings, "top_fraction": self.top_fraction, "overview": self.overview,
-             "threshold": threshold, "inputs": {k: file_digest(subject[k]) for k in ("image", "mask") if subject.get(k)}},
+             "threshold": threshold, "inputs": self.cache.input_digests(subject)},
             sort_keys=True, default=str).encode())
         digest.update(token_scores.contiguous().numpy().tobytes())
         return digest.hexdigest()
