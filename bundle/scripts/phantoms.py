@@ -19,7 +19,7 @@ from nibabel import orientations
 from scipy import ndimage
 
 from .outputs import atomic_path
-from .token_cache import file_digest
+from .token_cache import file_digest, files_intact
 
 # Tissue labels and their FLAIR-like intensities (white matter is the reference for lesion contrast).
 BACKGROUND, SCALP, SKULL, CSF, GM, WM, NUCLEI = range(7)
@@ -67,11 +67,8 @@ def _reusable(out_dir: Path, manifest: Path, parameters: dict) -> list[dict] | N
     """The records of an intact cohort written earlier into ``out_dir`` with these parameters, else None."""
     try:
         content = json.loads(manifest.read_text())
-        if content["parameters"] != parameters:
+        if content["parameters"] != parameters or not files_intact(content["digests"], out_dir):
             return None
-        for name, digest in content["digests"].items():
-            if not (out_dir / name).is_file() or file_digest(out_dir / name) != digest:
-                return None
         return [{**r, **{key: str(out_dir / r[key]) for key in FILE_KEYS}} for r in content["subjects"]]
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -19,7 +19,7 @@ import torch
 
 from .outputs import atomic_path
 
-__all__ = ["TokenCache", "file_digest", "token_fingerprint"]
+__all__ = ["TokenCache", "file_digest", "files_intact", "token_fingerprint"]
 
 logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1  # bump when the cached content changes meaning
@@ -36,6 +36,12 @@ def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
             while block := handle.read(chunk):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def files_intact(digests: Mapping[str, str], folder: str | os.PathLike) -> bool:
+    """Whether every file named (relative to ``folder``) in ``digests`` is there with that SHA-256."""
+    folder = Path(folder)
+    return bool(digests) and all((folder / name).is_file() and file_digest(folder / name) == d for name, d in digests.items())
 
 
 # run settings that act after tokenization: changing them must not invalidate cached tokens

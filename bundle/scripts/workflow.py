@@ -47,7 +47,7 @@ from .outputs import (
 from .overview import save_overview
 from .reporting import banner
 from .scoring import robust_threshold
-from .token_cache import TokenCache, file_digest
+from .token_cache import TokenCache, file_digest, files_intact
 from .tokenizer import MultiAxisTokenizer
 
 __all__ = ["CohortError", "CohortRunner", "Encoded", "RunReport", "SCORE_FIELDS"]
@@ -331,11 +331,6 @@ def previous_results(output_dir: Path) -> dict[str, Any]:
     except (OSError, ValueError, AttributeError):
         return {}
     return results if isinstance(results, dict) else {}
-
-
-def files_intact(digests: Mapping[str, str], folder: Path) -> bool:
-    """Whether every file named in ``digests`` is in ``folder`` with that content."""
-    return bool(digests) and all((folder / name).is_file() and file_digest(folder / name) == d for name, d in digests.items())
 
 
 def backbone_note(encoder: Any) -> str:
