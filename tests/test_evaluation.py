@@ -28,6 +28,6 @@ def test_evaluate_workflow_end_to_end(tmp_path):
     assert rows[3]["lesion_voxels"] == "0" and rows[3]["auroc"] == "nan"  # the lesion-free subject
     summary = json.loads((out / "metrics.json").read_text())
     assert 0 <= summary["subject_auroc"] <= 1  # healthy and lesion subjects are mixed
-    assert "is NOT DINOv2" in (out / "metrics.md").read_text()
+    assert "is NOT a pretrained network" in (out / "metrics.md").read_text()
     for name in ("metrics_summary.png", "sub-01_eval.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"

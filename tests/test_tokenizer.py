@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import tiny_vit
-from scripts.backbones import create_backbone
+from scripts.backbones import SliceEncoder, create_backbone
 from scripts.tokenizer import MultiAxisTokenizer
 
 K = 8  # patch size of the tiny ViT = slice depth
@@ -77,10 +77,10 @@ def test_projection_applied_only_when_wider(vit):
     projected = MultiAxisTokenizer(vit, slice_depth=K, proj_dim=8, seed=5)
     same_width = MultiAxisTokenizer(vit, slice_depth=K, proj_dim=24)
     wider = MultiAxisTokenizer(vit, slice_depth=K, proj_dim=64)
-    assert projected.project and projected.channels == 8
+    assert all(projected.projected) and projected.channels == 8
     assert projected.projection.shape == (6, 24, 8)
-    assert not same_width.project and same_width.channels == 24 and same_width.projection.numel() == 0
-    assert not wider.project and wider.channels == 24 and wider.out_channels == 6 * 24
+    assert not any(same_width.projected) and same_width.channels == 24 and same_width.projection.numel() == 0
+    assert not any(wider.projected) and wider.channels == 24 and wider.out_channels == 6 * 24
 
     raw = same_width.groups(same_width(vol))  # (1, G, 24, d, h, w): normalised features, not projected
     torch.testing.assert_close(wider(vol), same_width(vol), rtol=0, atol=0)
@@ -159,9 +159,9 @@ def test_slice_batch_does_not_change_results(vit):
 
 def test_intensity_tokens_are_block_means():
     enc = create_backbone("intensity", img_size=28, backbone_kwargs={"patch_size": 14, "reduce": 2})
-    assert enc.embed_dim == 4 and not enc.normalize and not enc.pretrained
+    assert enc.out_dims == [4] and not enc.normalize and not enc.pretrained
     tok = MultiAxisTokenizer(enc, axes=(0, 1, 2), slice_depth=14)
-    assert not tok.project
+    assert not any(tok.projected)
     rng = np.random.default_rng(0)
     v = rng.random((28, 28, 28)).astype(np.float32)
     groups = tok.groups(tok(torch.from_numpy(v)[None, None]))[0].numpy()  # (3, 4, 2, 2, 2)
@@ -198,3 +198,33 @@ def test_errors(vit):
         tok(torch.rand(1, 32, 32, 32))
     with pytest.raises(ValueError, match=r"\(B, 1, D, H, W\)"):
         tok(torch.rand(1, 2, 32, 32, 32))
+
+
+class _TwoStageEncoder(SliceEncoder):
+    """Feature maps of two widths (4 and 12 channels), like the stages of a CNN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.name, self.patch_size, self.num_outputs, self.out_dims, self.normalize = "two-stage", 4, 2, [4, 12], True
+        self.mix = torch.nn.Conv2d(1, 12, 4, stride=4)
+        torch.nn.init.normal_(self.mix.weight, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, slices):
+        full = self.mix(slices)
+        return [full[:, :4], full]
+
+
+def test_outputs_of_different_widths_share_one_group_width():
+    encoder = _TwoStageEncoder()
+    tok = MultiAxisTokenizer(encoder, axes=(0, 2), slice_depth=4, proj_dim=8, seed=1)
+    assert tok.channels == 8 and tok.widths == [4, 12, 4, 12] and all(tok.projected)
+    assert tok.projection.shape == (4, 12, 8) and torch.all(tok.projection[0, 4:] == 0)
+    vol = _volume((8, 8, 8), 2)
+    tokens = tok.groups(tok(vol))
+    assert tokens.shape == (1, 4, 8, 2, 2, 2)
+    # projection and slice averaging are linear: projecting the kept 12-channel tokens gives the projected ones
+    raw = MultiAxisTokenizer(encoder, axes=(0, 2), slice_depth=4, proj_dim=12)  # 12 wide: the 12-channel group is kept
+    assert raw.projected == [True, False, True, False]
+    wide = raw.groups(raw(vol))[:, 1]
+    expected = torch.einsum("bedhw,ec->bcdhw", wide, tok.projection[1, :12])
+    torch.testing.assert_close(tokens[:, 1], expected, rtol=1e-4, atol=1e-5)

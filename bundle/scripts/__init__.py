@@ -17,5 +17,6 @@ from . import (  # noqa: F401  (config expressions refer to them as ``scripts.<m
     token_cache,
     tokenizer,
     transforms,
+    weights,
     workflow,
 )

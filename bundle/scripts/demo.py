@@ -14,7 +14,7 @@ from sklearn.metrics import roc_auc_score
 from .metrics import dice, voxel_metrics
 from .outputs import atomic_path, subject_files
 from .reporting import banner
-from .workflow import RunReport
+from .workflow import RunReport, weights_line
 
 __all__ = ["evaluate_demo"]
 
@@ -26,8 +26,8 @@ def _load(path: str | Path) -> np.ndarray:
 
 
 def evaluate_demo(
-    report: RunReport, cohort: Sequence[Mapping[str, Any]], output_dir: str, encoder_name: str, pretrained: bool,
-    warning: str = "",
+    report: RunReport, cohort: Sequence[Mapping[str, Any]], output_dir: str, encoder: Any,
+    settings: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Compare the written heat maps with the planted lesions; print and write ``demo_report.md``.
 
@@ -35,7 +35,8 @@ def evaluate_demo(
         report: what ``CohortRunner.run`` returned (subject scores, operating threshold).
         cohort: what ``phantoms.make_phantom_cohort`` returned (image, brain mask, lesion mask paths).
         output_dir: the run's output folder.
-        encoder_name, pretrained, warning: the backbone actually used, to say so in the output.
+        encoder: the slice encoder actually used (its name, weights and any fallback warning are reported).
+        settings: the run's settings; the ones that shape the result are printed with it.
     """
     scores = {row["subject"]: row for row in report.subjects}
     heats, truths, masks, rows = [], [], [], []
@@ -60,14 +61,18 @@ def evaluate_demo(
     subject_auroc = (
         float(roc_auc_score(has_lesion, [r["score"] for r in rows])) if 0 < sum(has_lesion) < len(rows) else float("nan")
     )
-    text = _render(rows, pooled, subject_auroc, output_dir, encoder_name, pretrained, warning)
+    text = _render(rows, pooled, subject_auroc, output_dir, encoder, settings or {})
     with atomic_path(Path(output_dir) / "demo_report.md") as tmp:
         tmp.write_text(text)
     print(text)
     return {"pooled": pooled, "subject_auroc": subject_auroc, "subjects": rows}
 
 
-def _render(rows, pooled, subject_auroc, output_dir, encoder_name, pretrained, warning) -> str:
+SHOWN_SETTINGS = ("backbone", "grid_size", "feature_blocks", "matching", "window", "alpha", "tokenization", "device")
+
+
+def _render(rows, pooled, subject_auroc, output_dir, encoder, settings) -> str:
+    encoder_name, pretrained, warning = encoder.name, encoder.pretrained, encoder.warning
     lines = []
     if not pretrained:
         notice = [
@@ -80,7 +85,11 @@ def _render(rows, pooled, subject_auroc, output_dir, encoder_name, pretrained, w
     lines += [
         "# CS3F demo: planted lesions in a procedural phantom cohort",
         "",
-        f"Backbone: `{encoder_name}` (pretrained: {pretrained}). Outputs: `{output_dir}`",
+        f"Backbone: `{weights_line(encoder)}`",
+        "",
+        "Settings: " + ", ".join(f"`{k}` {settings[k]}" for k in SHOWN_SETTINGS if k in settings) + ".",
+        "",
+        f"Outputs: `{output_dir}`",
         "",
         f"Pooled inside the brain masks: voxel AUROC **{pooled['auroc']:.3f}**, average precision "
         f"**{pooled['average_precision']:.3f}**, Dice at the operating threshold **{pooled['dice']:.3f}** "

@@ -54,12 +54,11 @@ SCORING_ONLY = frozenset(
 def token_fingerprint(settings: Mapping[str, Any], encoder: Any) -> dict[str, Any]:
     """What shapes the tokens: every run setting except the scoring-only ones, and the encoder's identity.
 
-    The weights are identified by file size and modification time rather than a hash of gigabytes.
+    The weights are identified by their content (the SHA-256 computed when they were found), not their path.
     """
-    source = Path(encoder.source) if getattr(encoder, "source", "") else None
-    weights = f"{source.resolve()}:{source.stat().st_size}:{source.stat().st_mtime_ns}" if source else ""
+    weights = getattr(encoder, "weights", None)
     kept = {k: v for k, v in settings.items() if k not in SCORING_ONLY}
-    return {**kept, "encoder": encoder.name, "pretrained": encoder.pretrained, "weights": weights}
+    return {**kept, "encoder": encoder.name, "pretrained": encoder.pretrained, "weights": weights.sha256 if weights else ""}
 
 
 class TokenCache:

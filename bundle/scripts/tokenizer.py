@@ -31,8 +31,9 @@ class MultiAxisTokenizer(nn.Module):
         axes: volume axes to slice along (0, 1, 2 = D, H, W of the preprocessed RAS volume).
         slice_depth: number of neighbouring slices pooled into one token; must equal the patch size so
             every axis yields the same token grid.
-        proj_dim: output channels per group; features wider than this are reduced by a fixed Gaussian
-            random projection (distances are preserved in expectation), narrower ones are kept as they are.
+        proj_dim: output channels per group. Feature maps of another width are mapped to
+            ``C = min(proj_dim, widest map)`` channels by a fixed Gaussian random projection (distances are
+            preserved in expectation); a map exactly ``C`` wide is kept as it is (e.g. 16 raw intensities).
         seed: seed of the projection matrices.
         slice_batch: slices per encoder call; bounds activation memory.
         amp: run the encoder under bfloat16 autocast (on CUDA this is the fast path; on CPU it works too).
@@ -67,13 +68,19 @@ class MultiAxisTokenizer(nn.Module):
         self.slice_depth = slice_depth
         self.slice_batch = slice_batch
         self.amp = amp
-        width = encoder.embed_dim
-        self.channels = min(width, proj_dim)
-        self.num_groups = len(self.axes) * encoder.num_outputs
+        widths = [int(w) for w in encoder.out_dims] * len(self.axes)  # per (axis, output) group
+        self.channels = min(max(widths), proj_dim)
+        self.num_groups = len(widths)
         generator = torch.Generator().manual_seed(seed)
-        projection = torch.randn(self.num_groups, width, self.channels, generator=generator) / self.channels**0.5
-        self.project = width > proj_dim
-        self.register_buffer("projection", projection if self.project else torch.empty(0), persistent=False)
+        # one seeded Gaussian matrix per group, drawn in group order, kept in one zero-padded (G, widest, C) buffer;
+        # a group exactly C wide is not projected
+        self.widths = widths
+        self.projected = [w != self.channels for w in widths]
+        projection = torch.zeros(self.num_groups, max(widths), self.channels)
+        for g, w in enumerate(widths):
+            if self.projected[g]:
+                projection[g, :w] = torch.randn(w, self.channels, generator=generator) / self.channels**0.5
+        self.register_buffer("projection", projection if any(self.projected) else torch.empty(0), persistent=False)
         self.requires_grad_(False)
         self.eval()
 
@@ -140,7 +147,8 @@ class MultiAxisTokenizer(nn.Module):
                 fmap = fmap.float()
                 if self.encoder.normalize:
                     fmap = F.normalize(fmap, dim=1)
-                if self.project:
-                    fmap = torch.einsum("sehw,ec->schw", fmap, self.projection[group_offset + b])
+                g = group_offset + b
+                if self.projected[g]:
+                    fmap = torch.einsum("sehw,ec->schw", fmap, self.projection[g, : self.widths[g]])
                 chunks[b].append(fmap)
         return [torch.cat(c) for c in chunks]

@@ -148,6 +148,7 @@ class CohortRunner:
         note = backbone_note(self.network.encoder)
         if note:
             logger.warning("\n%s", note)
+        logger.info("backbone: %s", weights_line(self.network.encoder))
         subjects, report.problems = find_subjects(self.dataset_dir, self.image_pattern, self.mask_pattern, self.require_mask)
         refuse_existing(self.output_dir, [s["subject"] for s in subjects], self.overwrite)
         self._log_problems(report.problems)
@@ -303,6 +304,7 @@ class CohortRunner:
                     "requested": self.settings.get("backbone", encoder.name),
                     "used": encoder.name,
                     "pretrained": encoder.pretrained,
+                    "weights": encoder.weights.record() if encoder.weights is not None else None,
                     "warning": encoder.warning,
                     "note": backbone_note(encoder),
                 },
@@ -333,16 +335,31 @@ def previous_results(output_dir: Path) -> dict[str, Any]:
     return results if isinstance(results, dict) else {}
 
 
+def weights_line(encoder: Any) -> str:
+    """Which network and weights produced a result, in one line for logs and reports."""
+    weights = getattr(encoder, "weights", None)
+    if weights is None:
+        return f"{encoder.name} (no pretrained weights)"
+    return f"{encoder.name}, weights {weights.describe()}"
+
+
 def backbone_note(encoder: Any) -> str:
     """A loud notice whenever the backbone is not a pretrained foundation model (empty when it is)."""
     if encoder.pretrained:
         return ""
+    weights = getattr(encoder, "weights", None)
+    if weights is not None:
+        return banner([
+            f"BACKBONE {encoder.name!r}: its weights are NOT a recorded pretrained checkpoint.",
+            f"{weights.path} (sha256 {weights.sha256[:16]}...) fits the network, but could be anything of that shape.",
+            f"Results are not {encoder.name} results unless you know where that file came from.",
+        ])
     what = {
         "intensity": "the raw-intensity baseline (no learned features)",
         "random": "a RANDOMLY INITIALISED ViT, for testing the mechanics only; it scores real lesions below normal tissue",
     }.get(encoder.name, "not pretrained")
-    return banner([f"BACKBONE {encoder.name!r} is NOT DINOv2: {what}.", encoder.warning.split(". ")[0] if encoder.warning else
-                   "Results are not CS3F/DINOv2 results."])
+    return banner([f"BACKBONE {encoder.name!r} is NOT a pretrained network: {what}.",
+                   encoder.warning.split(". ")[0] if encoder.warning else "Results are not CS3F/DINOv2 results."])
 
 
 def root_cause(err: BaseException) -> str:

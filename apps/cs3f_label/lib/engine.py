@@ -242,13 +242,14 @@ class Engine:
 
     def startup_check(self) -> str | None:
         """A clear log line when the backbone's weights are not on this machine (no download is tried here)."""
-        backbones = self.scripts.backbones
+        weights = self.scripts.weights
         name = self.setting("backbone")
-        if name not in backbones.DINOV2 or self.setting("fallback_backbone"):
+        if name not in weights.SOURCES or self.setting("fallback_backbone"):
             return None
         try:
-            backbones.find_weights(name, self.setting("weights_path"), self.setting("models_dir"), allow_download=False)
-        except backbones.WeightsNotFoundError as err:
+            found = weights.find_weights(name, self.setting("weights_path"), self.setting("models_dir"), allow_download=False)
+            logger.info("CS3F: backbone %s, weights %s", name, found.describe())
+        except weights.WeightsNotFoundError as err:
             message = (
                 f"CS3F: no weights for backbone {name!r} on this machine; every 'anomaly' request will fail with this "
                 f"error until they are provided{' (or downloaded at the first request, when online)' if self.setting('allow_download') else ''}. "
@@ -415,6 +416,7 @@ class Engine:
             "backbone": {
                 "name": encoder.name,
                 "pretrained": bool(encoder.pretrained),
+                "weights": encoder.weights.record() if encoder.weights is not None else None,
                 # the bundle's banner, as one line
                 "warning": " ".join(line.strip("! ") for line in workflow.backbone_note(encoder).splitlines() if line.strip("! ")),
             },
