@@ -125,9 +125,8 @@ def convert(onnx_path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.array(v, dtype=np.float32, order="C", copy=True)) for k, v in state.items()}
 
 
-def block_output_names(onnx_path: str | os.PathLike) -> list[str]:
-    """Names of the tensors leaving each encoder block (the residual stream after block i), in block order."""
-    graph = _load(onnx_path).graph
+def block_output_names(graph) -> list[str]:
+    """Names of the tensors leaving each encoder block (the residual stream after block i) of the ONNX ``graph``."""
     first_input = {}  # layer index -> the tensor its first LayerNorm reads (= the previous block's output)
     for node in graph.node:
         match = re.match(r"^/backbone/encoder/layer\.(\d+)/norm1/", node.name)
@@ -143,7 +142,7 @@ def with_block_outputs(onnx_path: str | os.PathLike, blocks: Sequence[int], out_
     import onnx
 
     model = _load(onnx_path)
-    names = block_output_names(onnx_path)
+    names = block_output_names(model.graph)
     del model.graph.output[:]
     for b in blocks:
         model.graph.output.append(onnx.helper.make_tensor_value_info(names[b], onnx.TensorProto.FLOAT, None))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -139,11 +139,12 @@ class Weights:
     path: Path
     sha256: str
     found_in: str  # which source it came from, in words
-    known: Checkpoint | None = field(default=None)
+    known: Checkpoint | None = None
 
     @classmethod
-    def of(cls, backbone: str, path: Path, found_in: str) -> Weights:
-        digest = file_digest(path)
+    def of(cls, backbone: str, path: Path, found_in: str, digest: str | None = None) -> Weights:
+        """The weights in ``path``, identified by their SHA-256 (``digest`` when it is already known)."""
+        digest = digest or file_digest(path)
         known = KNOWN.get(digest)
         return cls(backbone, path, digest, found_in, known if known and known.backbone == backbone else None)
 
@@ -260,7 +261,7 @@ def _from_package(name: str, package: Packaged, models_dir: str | os.PathLike | 
         logger.warning("%s: sha256 %s is not the recorded %s; not used", source, digest, package.sha256)
         return None
     if package.convert is None:
-        return Weights.of(name, source, found_in)
+        return Weights.of(name, source, found_in, digest)
     target = target or Path(torch.hub.get_dir()) / "checkpoints" / package.converted_name
     state = package.convert(source)
     from safetensors.torch import save_file

@@ -148,7 +148,6 @@ class CohortRunner:
         note = backbone_note(self.network.encoder)
         if note:
             logger.warning("\n%s", note)
-        logger.info("backbone: %s", weights_line(self.network.encoder))
         subjects, report.problems = find_subjects(self.dataset_dir, self.image_pattern, self.mask_pattern, self.require_mask)
         refuse_existing(self.output_dir, [s["subject"] for s in subjects], self.overwrite)
         self._log_problems(report.problems)
