@@ -2,8 +2,9 @@
 
     python benchmarks/accuracy.py                                   # every preset whose data is here
     python benchmarks/accuracy.py --presets brats_flair --backbones dinov2_vits14 --grid_sizes 112 224
+    python benchmarks/accuracy.py --presets brats_flair --backbones dinov2_vits14 --feature_blocks 2 5 8 11
 
-Rows are kept in ``benchmarks/results/accuracy.json`` by (preset, backbone, grid, matching, tokenization):
+Rows are kept in ``benchmarks/results/accuracy.json`` by (preset, backbone, grid, matching, tokenization, ViT blocks):
 a run adds or replaces its own rows and keeps the others, so the table can be filled in parts; every
 invocation's command is listed. ``accuracy.md`` is rendered from all rows.
 
@@ -75,6 +76,7 @@ def run_one(preset: str, backbone: str, grid: int, matching: str, tokenization: 
         "output_dir": str(out), "overwrite": True, "progress": False, "write_overview": False, "eval_figures": False,
         "backbone": backbone, "matching": matching, "tokenization": tokenization, "grid_size": grid,
         "cache_dir": str(work_dir / "token_cache"), "fallback_backbone": None, "eval_figures": False,
+        **({"feature_blocks": args.feature_blocks} if args.feature_blocks else {}),
     })
     start = time.perf_counter()
     report = parser.get_parsed_content("runner").run()
@@ -84,7 +86,7 @@ def run_one(preset: str, backbone: str, grid: int, matching: str, tokenization: 
     return {
         "preset": preset, "backbone": backbone, "pretrained": encoder.pretrained,
         "weights": encoder.weights.record() if encoder.weights is not None else None,
-        "grid_size": grid, "matching": matching, "tokenization": tokenization,
+        "blocks": getattr(encoder, "blocks", None), "grid_size": grid, "matching": matching, "tokenization": tokenization,
         "seconds": time.perf_counter() - start, "encode_s": report.timings.get("encode_s"),
         "pooled": summary["pooled"], "subject_auroc": summary["subject_auroc"],
         "subjects": {r["subject"]: {k: r[k] for k in FIELDS} for r in summary["subjects"]},
@@ -131,11 +133,17 @@ def available_backbones(requested: list[str], models_dir: Path) -> tuple[list[st
 
 
 def row_key(r: dict) -> tuple:
-    return r["preset"], r["backbone"], r["grid_size"] or 0, r["matching"], r["tokenization"]
+    return r["preset"], r["backbone"], r["grid_size"] or 0, r["matching"], r["tokenization"], tuple(r.get("blocks") or ())
 
 
 def _f(x, digits: int = 3) -> str:
     return "–" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{digits}f}"
+
+
+def _backbone(r: dict) -> str:
+    """A row's backbone cell: its name, whether it is pretrained, and the ViT blocks its tokens come from."""
+    name = r["backbone"] + ("" if r["pretrained"] or r["backbone"] == BASELINE else " (*not pretrained*)")
+    return name + (f" · blocks {', '.join(map(str, r['blocks']))}" if r.get("blocks") else "")
 
 
 def markdown(data: dict) -> str:
@@ -168,9 +176,8 @@ def markdown(data: dict) -> str:
     ]
     for r in results:
         p = r["pooled"]
-        name = r["backbone"] + ("" if r["pretrained"] or r["backbone"] == BASELINE else " (*not pretrained*)")
         lines.append(
-            f"| {r['preset']} | {name} | {r['grid_size'] or '–'} | {r['matching']} | {r['tokenization']} | "
+            f"| {r['preset']} | {_backbone(r)} | {r['grid_size'] or '–'} | {r['matching']} | {r['tokenization']} | "
             f"{_f(p['auroc'])} | {_f(p['average_precision'])} | {_f(p['best_dice'])} | {_f(p['dice_at_threshold'])} | "
             f"{_f(100 * p['flagged_fraction'], 2) + ' %' if np.isfinite(p['flagged_fraction']) else '–'} | "
             f"{_f(r['subject_auroc'])} | {r['seconds']:.0f} |"
@@ -183,7 +190,7 @@ def markdown(data: dict) -> str:
         for r in per_subject:
             for sid, m in sorted(r["subjects"].items()):
                 if sid.startswith("patient"):
-                    lines.append(f"| {r['preset']} | {r['backbone']} | {r['grid_size'] or '–'} | {r['matching']} | "
+                    lines.append(f"| {r['preset']} | {_backbone(r)} | {r['grid_size'] or '–'} | {r['matching']} | "
                                  f"{r['tokenization']} | {sid} | {_f(m['auroc'])} | {_f(m['average_precision'])} | "
                                  f"{_f(m['best_dice'])} |")
     if data.get("skipped"):
@@ -198,6 +205,7 @@ def main() -> None:
     ap.add_argument("--grid_sizes", nargs="+", type=int, default=[224])
     ap.add_argument("--matching", nargs="+", default=["window", "global"])
     ap.add_argument("--tokenization", nargs="+", default=["coarse", "coarse_to_fine"])
+    ap.add_argument("--feature_blocks", nargs="+", type=int, help="ViT blocks to take features from (default: the bundle's)")
     ap.add_argument("--no_baseline", action="store_true", help="skip the image-intensity baseline rows")
     ap.add_argument("--work_dir", default="/tmp/cs3f_accuracy")
     ap.add_argument("--results", default=str(RESULTS))

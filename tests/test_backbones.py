@@ -269,6 +269,22 @@ def test_block_selection():
         create_backbone("random", img_size=32, num_blocks=[0, 3], backbone_kwargs=kwargs)
 
 
+def test_early_blocks_are_those_of_the_whole_network():
+    """The encoder stops after its last selected block; what it returns is what the full forward pass computes."""
+    kwargs = {"embed_dim": 24, "depth": 4, "num_heads": 2, "patch_size": 8}
+    enc = create_backbone("random", img_size=32, num_blocks=[1, 2], seed=1, backbone_kwargs=kwargs)
+    slices = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    x = (slices.expand(-1, 3, -1, -1) - enc.mean) / enc.std
+    full = enc.model.forward_intermediates(x, indices=[1, 2, 3], output_fmt="NCHW", intermediates_only=True)
+    ran = []
+    handle = enc.model.blocks[3].register_forward_hook(lambda *_: ran.append(True))
+    ours = enc(slices)
+    handle.remove()
+    assert not ran, "block 3 ran although no feature of it is used"
+    for got, expected in zip(ours, full[:2]):
+        torch.testing.assert_close(got, expected)
+
+
 def test_unknown_backbone():
     with pytest.raises(ValueError, match="unknown backbone 'resnet50'"):
         create_backbone("resnet50", img_size=28)

@@ -161,3 +161,22 @@ def test_optional_masks_keep_subjects_without_one(tmp_path):
                         {"subject": "b", "image": str(tmp_path / "b.nii.gz")}]
     _, problems = find_subjects(tmp_path, "{id}.nii.gz", "{id}_mask.nii.gz")
     assert len(problems) == 1 and "b.nii.gz" in problems[0]
+
+
+MSLUB_PRESET = Path(__file__).resolve().parents[1] / "configs" / "mslub_flair.json"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "mslub_mni").is_dir(), reason=f"real MSLUB data not present at {SHARED_DATA}")
+def test_mslub_preset_gives_brats_references_their_brain_masks():
+    """BraTS FLAIR is z-scored with no zero voxels, so a non-zero rule would call the whole field of view brain:
+    the preset's BraTS references bring their masks, the skull-stripped MSLUB cases get theirs from intensity."""
+    import json
+
+    preset = json.loads(MSLUB_PRESET.read_text())
+    subjects, problems = find_subjects(SHARED_DATA, preset["image_pattern"], preset["mask_pattern"], preset["require_mask"])
+    assert problems == []
+    with_mask = {s["subject"] for s in subjects if "mask" in s}
+    assert with_mask == {s["subject"] for s in subjects if s["subject"].startswith("brats")} and len(with_mask) == 4
+    assert {"patient07", "patient19"} <= set(_ids(subjects)) - with_mask
+    assert preset["foreground_threshold"] == "nonzero"

@@ -116,7 +116,9 @@ class ViTSliceEncoder(SliceEncoder):
 
     def forward(self, slices: torch.Tensor) -> list[torch.Tensor]:
         x = (slices.expand(-1, 3, -1, -1) - self.mean) / self.std
-        return self.model.forward_intermediates(x, indices=self.blocks, output_fmt="NCHW", intermediates_only=True)
+        # blocks after the last one used are never run
+        return self.model.forward_intermediates(x, indices=self.blocks, output_fmt="NCHW", intermediates_only=True,
+                                                stop_early=True)
 
 
 class CNNSliceEncoder(SliceEncoder):
@@ -258,7 +260,8 @@ def create_backbone(
             architecture, randomly initialised with ``seed``: for testing the mechanics only, it is NOT a
             feature extractor) or ``intensity`` (raw voxel patches).
         img_size: side of the square slices, in pixels.
-        num_blocks: ViTs: how many evenly spaced blocks to take features from, or explicit block indices.
+        num_blocks: ViTs: explicit block indices to take features from (the bundle's ``feature_blocks``), or how
+            many evenly spaced blocks, ending at the last.
         weights_path, models_dir, allow_download: where to look for weights, see ``weights.find_weights``.
         seed: initialisation seed of ``random``.
         fallback: backbone to build instead when the weights of ``name`` cannot be found; the substitution is
