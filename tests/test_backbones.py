@@ -274,7 +274,7 @@ def test_early_blocks_are_those_of_the_whole_network():
     kwargs = {"embed_dim": 24, "depth": 4, "num_heads": 2, "patch_size": 8}
     enc = create_backbone("random", img_size=32, num_blocks=[1, 2], seed=1, backbone_kwargs=kwargs)
     slices = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
-    x = (slices.expand(-1, 3, -1, -1) - enc.mean) / enc.std
+    x = enc.network_input(slices)
     full = enc.model.forward_intermediates(x, indices=[1, 2, 3], output_fmt="NCHW", intermediates_only=True)
     ran = []
     handle = enc.model.blocks[3].register_forward_hook(lambda *_: ran.append(True))

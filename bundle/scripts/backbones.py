@@ -24,6 +24,7 @@ __all__ = [
     "BACKBONES",
     "DINOV2",
     "CNNSliceEncoder",
+    "RGBSliceEncoder",
     "SliceEncoder",
     "ViTSliceEncoder",
     "IntensitySliceEncoder",
@@ -86,6 +87,20 @@ class SliceEncoder(nn.Module):
         return super().train(False)
 
 
+class RGBSliceEncoder(SliceEncoder):
+    """A slice encoder around a network trained on normalised RGB images: grey slices are repeated to three
+    channels and normalised with the training statistics ``mean`` and ``std``."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def network_input(self, slices: torch.Tensor) -> torch.Tensor:
+        """Slices ``(S, 1, H, W)`` in [0, 1] as the network's input ``(S, 3, H, W)``."""
+        return (slices.expand(-1, 3, -1, -1) - self.mean) / self.std
+
+
 def evenly_spaced_blocks(depth: int, count: int) -> list[int]:
     """Indices of ``count`` blocks spread over a ``depth``-block ViT, ending at the last one (12, 4 -> 2, 5, 8, 11)."""
     if not 1 <= count <= depth:
@@ -93,15 +108,12 @@ def evenly_spaced_blocks(depth: int, count: int) -> list[int]:
     return sorted({round((i + 1) * depth / count) - 1 for i in range(count)})
 
 
-class ViTSliceEncoder(SliceEncoder):
-    """A timm ViT that returns the patch tokens of several blocks as NCHW maps.
-
-    Grey slices are repeated to three channels and normalised with the ImageNet statistics DINOv2 was
-    trained with.
-    """
+class ViTSliceEncoder(RGBSliceEncoder):
+    """A timm ViT that returns the patch tokens of several blocks as NCHW maps; its input is normalised with
+    the ImageNet statistics DINOv2 was trained with."""
 
     def __init__(self, model: nn.Module, name: str, blocks: Sequence[int], weights: Weights | None = None) -> None:
-        super().__init__()
+        super().__init__(IMAGENET_MEAN, IMAGENET_STD)
         self.model = model
         self.name = name
         self.blocks = list(blocks)
@@ -110,18 +122,15 @@ class ViTSliceEncoder(SliceEncoder):
         self.out_dims = [int(model.embed_dim)] * self.num_outputs
         self.normalize = True
         self.weights = weights
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.freeze()
 
     def forward(self, slices: torch.Tensor) -> list[torch.Tensor]:
-        x = (slices.expand(-1, 3, -1, -1) - self.mean) / self.std
         # blocks after the last one used are never run
-        return self.model.forward_intermediates(x, indices=self.blocks, output_fmt="NCHW", intermediates_only=True,
-                                                stop_early=True)
+        return self.model.forward_intermediates(self.network_input(slices), indices=self.blocks, output_fmt="NCHW",
+                                                intermediates_only=True, stop_early=True)
 
 
-class CNNSliceEncoder(SliceEncoder):
+class CNNSliceEncoder(RGBSliceEncoder):
     """Feature maps of several stages of an ImageNet CNN, on the token grid of a patch-``patch_size`` ViT.
 
     A slice of ``H x W`` pixels gives ``H / p x W / p`` tokens, like a ViT. The slice is resized so that
@@ -132,7 +141,7 @@ class CNNSliceEncoder(SliceEncoder):
 
     def __init__(self, model: nn.Module, name: str, mean: Sequence[float], std: Sequence[float], patch_size: int = 14,
                  grid_stride: int = 16, weights: Weights | None = None) -> None:
-        super().__init__()
+        super().__init__(mean, std)
         self.model = model
         self.name = name
         self.patch_size = patch_size
@@ -141,15 +150,12 @@ class CNNSliceEncoder(SliceEncoder):
         self.out_dims = [int(c) for c in model.feature_info.channels()]
         self.normalize = True
         self.weights = weights
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.freeze()
 
     def forward(self, slices: torch.Tensor) -> list[torch.Tensor]:
         grid = (slices.shape[-2] // self.patch_size, slices.shape[-1] // self.patch_size)
-        x = (slices.expand(-1, 3, -1, -1) - self.mean) / self.std
-        x = F.interpolate(x, size=(grid[0] * self.grid_stride, grid[1] * self.grid_stride), mode="bilinear",
-                          align_corners=False)
+        size = (grid[0] * self.grid_stride, grid[1] * self.grid_stride)
+        x = F.interpolate(self.network_input(slices), size=size, mode="bilinear", align_corners=False)
         return [F.adaptive_avg_pool2d(f, grid) if f.shape[-1] >= grid[1] else
                 F.interpolate(f, size=grid, mode="bilinear", align_corners=False) for f in self.model(x)]
 
