@@ -41,6 +41,7 @@ from scripts.metrics import subject_metrics  # noqa: E402
 from scripts.outputs import atomic_path, write_json  # noqa: E402
 from scripts.weights import SOURCES, WeightsNotFoundError, find_weights  # noqa: E402
 from scripts.workflow import versions as run_versions  # noqa: E402
+from scripts.workflow import weights_record  # noqa: E402
 
 PRESETS = ("brats_flair", "mslub_flair", "ixi_t1", "mixed_t1", "demo")
 BACKBONES = ("dinov2_vits14", "efficientnet_lite0", "intensity")
@@ -71,11 +72,12 @@ def preset_parser(preset: str, work_dir: Path) -> ConfigParser:
 def run_one(preset: str, backbone: str, grid: int, matching: str, tokenization: str, args: argparse.Namespace) -> dict:
     work_dir = Path(args.work_dir)
     parser = preset_parser(preset, work_dir)
-    out = work_dir / f"{preset}-{backbone}-{grid}-{matching}-{tokenization}"
+    blocks = f"-blocks{'_'.join(map(str, args.feature_blocks))}" if args.feature_blocks else ""
+    out = work_dir / f"{preset}-{backbone}-{grid}-{matching}-{tokenization}{blocks}"
     parser.update({
         "output_dir": str(out), "overwrite": True, "progress": False, "write_overview": False, "eval_figures": False,
         "backbone": backbone, "matching": matching, "tokenization": tokenization, "grid_size": grid,
-        "cache_dir": str(work_dir / "token_cache"), "fallback_backbone": None, "eval_figures": False,
+        "cache_dir": str(work_dir / "token_cache"), "fallback_backbone": None,
         **({"feature_blocks": args.feature_blocks} if args.feature_blocks else {}),
     })
     start = time.perf_counter()
@@ -85,7 +87,7 @@ def run_one(preset: str, backbone: str, grid: int, matching: str, tokenization: 
     summary = evaluator.evaluate(report, encoder)
     return {
         "preset": preset, "backbone": backbone, "pretrained": encoder.pretrained,
-        "weights": encoder.weights.record() if encoder.weights is not None else None,
+        "weights": weights_record(encoder),
         "blocks": getattr(encoder, "blocks", None), "grid_size": grid, "matching": matching, "tokenization": tokenization,
         "seconds": time.perf_counter() - start, "encode_s": report.timings.get("encode_s"),
         "pooled": summary["pooled"], "subject_auroc": summary["subject_auroc"],

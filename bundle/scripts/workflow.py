@@ -303,7 +303,7 @@ class CohortRunner:
                     "requested": self.settings.get("backbone", encoder.name),
                     "used": encoder.name,
                     "pretrained": encoder.pretrained,
-                    "weights": encoder.weights.record() if encoder.weights is not None else None,
+                    "weights": weights_record(encoder),
                     "warning": encoder.warning,
                     "note": backbone_note(encoder),
                 },
@@ -332,6 +332,12 @@ def previous_results(output_dir: Path) -> dict[str, Any]:
     except (OSError, ValueError, AttributeError):
         return {}
     return results if isinstance(results, dict) else {}
+
+
+def weights_record(encoder: Any) -> dict[str, Any] | None:
+    """What ``run.json``, server answers and benchmark rows keep of the weights (``None`` when there are none)."""
+    weights = getattr(encoder, "weights", None)
+    return weights.record() if weights is not None else None
 
 
 def weights_line(encoder: Any) -> str:

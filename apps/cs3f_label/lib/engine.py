@@ -416,7 +416,7 @@ class Engine:
             "backbone": {
                 "name": encoder.name,
                 "pretrained": bool(encoder.pretrained),
-                "weights": encoder.weights.record() if encoder.weights is not None else None,
+                "weights": workflow.weights_record(encoder),
                 # the bundle's banner, as one line
                 "warning": " ".join(line.strip("! ") for line in workflow.backbone_note(encoder).splitlines() if line.strip("! ")),
             },
