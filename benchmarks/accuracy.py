@@ -43,19 +43,30 @@ from scripts.weights import SOURCES, WeightsNotFoundError, find_weights  # noqa:
 from scripts.workflow import versions as run_versions  # noqa: E402
 from scripts.workflow import weights_record  # noqa: E402
 
-PRESETS = ("brats_flair", "mslub_flair", "ixi_t1", "mixed_t1", "demo")
+PRESETS = ("brats_flair", "mslub_flair", "ixi_t1", "mixed_t1", "demo", "ct_chest")
+PRESET_BASES = {"ct_chest": "ct"}  # a data preset stacked on the modality preset it refines
 BACKBONES = ("dinov2_vits14", "efficientnet_lite0", "intensity")
 FIELDS = ("auroc", "average_precision", "best_dice", "dice_at_threshold", "flagged_fraction")
 BASELINE = "image intensity"
 BASELINE_PRESETS = ("brats_flair", "mslub_flair", "demo")  # FLAIR(-like) images, where lesions are bright
 RESULTS = ROOT / "benchmarks" / "results"
+# presets whose lesion subjects get a table of their own: (subject id prefix, section title)
+PER_SUBJECT_TABLES = {
+    "mslub_flair": ("patient", "MSLUB patients (small MS lesions: patient07 has 1,300 lesion voxels)"),
+    "ct_chest": ("lung", "Chest CT lesions (3 chests: each lesion is judged against 2 references; scored inside the "
+                         "body mask, lungs included; thorax_dicom has no label and counts as healthy, so the subject "
+                         "AUROC of this preset means nothing)"),
+}
 
 
 def preset_parser(preset: str, work_dir: Path) -> ConfigParser:
     """The bundle's evaluation config with ``preset`` on top (``demo``: the built-in phantom cohort)."""
     parser = ConfigParser()
-    extra = ROOT / "bundle/configs/demo.json" if preset == "demo" else ROOT / f"configs/{preset}.json"
-    parser.read_config([str(ROOT / "bundle/configs/inference.json"), str(ROOT / "bundle/configs/evaluate.json"), str(extra)])
+    if preset == "demo":
+        extra = [ROOT / "bundle/configs/demo.json"]
+    else:
+        extra = [ROOT / f"configs/{name}.json" for name in (PRESET_BASES.get(preset), preset) if name]
+    parser.read_config([str(ROOT / "bundle/configs/inference.json"), str(ROOT / "bundle/configs/evaluate.json"), *map(str, extra)])
     parser["bundle_root"] = str(ROOT / "bundle")
     if preset == "demo":
         parser["demo_dir"] = str(work_dir / "demo")
@@ -184,14 +195,16 @@ def markdown(data: dict) -> str:
             f"{_f(100 * p['flagged_fraction'], 2) + ' %' if np.isfinite(p['flagged_fraction']) else '–'} | "
             f"{_f(r['subject_auroc'])} | {r['seconds']:.0f} |"
         )
-    per_subject = [r for r in results if any(s.startswith("patient") for s in r["subjects"])]
-    if per_subject:
-        lines += ["", "## MSLUB patients (small MS lesions: patient07 has 1,300 lesion voxels)", "",
-                  "| preset | backbone | grid | matching | tokens | patient | AUROC | AP | best Dice |",
+    for preset, (prefix, title) in PER_SUBJECT_TABLES.items():
+        per_subject = [r for r in results if r["preset"] == preset]
+        if not per_subject:
+            continue
+        lines += ["", f"## {title}", "",
+                  "| preset | backbone | grid | matching | tokens | subject | AUROC | AP | best Dice |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in per_subject:
             for sid, m in sorted(r["subjects"].items()):
-                if sid.startswith("patient"):
+                if sid.startswith(prefix):
                     lines.append(f"| {r['preset']} | {_backbone(r)} | {r['grid_size'] or '–'} | {r['matching']} | "
                                  f"{r['tokenization']} | {sid} | {_f(m['auroc'])} | {_f(m['average_precision'])} | "
                                  f"{_f(m['best_dice'])} |")

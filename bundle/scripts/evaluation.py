@@ -15,6 +15,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+from monai.transforms import LoadImage
 from sklearn.metrics import roc_auc_score
 
 from .cohort import match_pattern
@@ -32,8 +33,14 @@ METRIC_FIELDS = (
 )
 
 
+def _load_with_affine(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Array and RAS affine of any file (or DICOM folder) MONAI reads: labels come as NIfTI, NRRD, DICOM..."""
+    img = LoadImage(image_only=True)(str(path))
+    return np.asarray(img), np.asarray(img.affine, dtype=np.float64)
+
+
 def _load(path: str | Path) -> np.ndarray:
-    return np.asanyarray(nib.load(str(path)).dataobj)
+    return _load_with_affine(path)[0]
 
 
 class CohortEvaluator:
@@ -118,13 +125,13 @@ class CohortEvaluator:
 
     @staticmethod
     def _figure(image_path: str, heat: np.ndarray, truth: np.ndarray, path: Path, row: Mapping[str, Any]) -> None:
-        img = nib.load(image_path)
-        ornt = nib.orientations.io_orientation(img.affine)
+        image, affine = _load_with_affine(image_path)
+        ornt = nib.orientations.io_orientation(affine)
         to_ras = lambda a: nib.orientations.apply_orientation(a, ornt)  # noqa: E731
         spacing = np.zeros(3)
-        spacing[ornt[:, 0].astype(int)] = nib.affines.voxel_sizes(img.affine)  # input axis i becomes RAS axis ornt[i, 0]
+        spacing[ornt[:, 0].astype(int)] = nib.affines.voxel_sizes(affine)  # input axis i becomes RAS axis ornt[i, 0]
         save_overview(
-            to_ras(np.asanyarray(img.dataobj).astype(np.float32)), to_ras(heat), path, spacing=spacing,
+            to_ras(image.astype(np.float32)), to_ras(heat), path, spacing=spacing,
             mask=to_ras(truth), title=f"{row['subject']}: ground truth outlined, AUROC {row['auroc']:.3f}, "
             f"best Dice {row['best_dice']:.3f}",
         )

@@ -2,7 +2,8 @@
 
 One file per subject, named by a key that hashes the subject's input files (content, not names or
 dates) and everything that shaped the tokens (backbone and its weights, grid, preprocessing, projection
-seed, ...). A changed image, mask or setting gives another key, so a stale entry is never used.
+seed, the bundle version, ...). A changed image, mask, setting or bundle release gives another key, so a
+stale entry is never used.
 """
 
 from __future__ import annotations
@@ -19,10 +20,17 @@ import torch
 
 from .outputs import atomic_path
 
-__all__ = ["TokenCache", "file_digest", "files_intact", "token_fingerprint"]
+__all__ = ["TokenCache", "bundle_version", "file_digest", "files_intact", "token_fingerprint"]
 
 logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1  # bump when the cached content changes meaning
+METADATA = Path(__file__).resolve().parents[1] / "configs" / "metadata.json"
+
+
+def bundle_version() -> str:
+    """The bundle's release (``configs/metadata.json``): a release may change preprocessing, so cached tokens
+    and kept results of another release are not reused."""
+    return str(json.loads(METADATA.read_text())["version"])
 
 
 def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -58,7 +66,8 @@ def token_fingerprint(settings: Mapping[str, Any], encoder: Any) -> dict[str, An
     """
     weights = getattr(encoder, "weights", None)
     kept = {k: v for k, v in settings.items() if k not in SCORING_ONLY}
-    return {**kept, "encoder": encoder.name, "pretrained": encoder.pretrained, "weights": weights.sha256 if weights else ""}
+    return {**kept, "encoder": encoder.name, "pretrained": encoder.pretrained, "weights": weights.sha256 if weights else "",
+            "bundle_version": bundle_version()}
 
 
 class TokenCache:

@@ -10,6 +10,7 @@ from collections.abc import Hashable, Mapping
 
 import numpy as np
 import torch
+from scipy import ndimage
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import FillHoles, KeepLargestConnectedComponent, MapTransform
@@ -77,7 +78,8 @@ class EnsureMaskd(MapTransform):
         image_key: key of the channel-first image.
         mask_key: key of the mask; missing or ``None`` means "compute it from the image".
         threshold: ``"otsu"``, ``"nonzero"`` (skull-stripped images whose background is exactly 0) or an
-            intensity value (for CT, e.g. -500 HU separates body from air).
+            intensity value (for CT, e.g. -500 HU separates body from air; what a slice of the body encloses,
+            such as the lungs, is filled in).
         affine_atol: tolerance, in mm, when comparing the image and mask affines.
     """
 
@@ -126,8 +128,21 @@ class EnsureMaskd(MapTransform):
         else:
             mask = values > float(self.threshold)
         mask = KeepLargestConnectedComponent(applied_labels=1)(mask.to(torch.uint8))
-        mask = FillHoles(applied_labels=1)(mask)
-        return torch.as_tensor(mask) > 0
+        mask = torch.as_tensor(FillHoles(applied_labels=1)(mask)) > 0
+        if not isinstance(self.threshold, str):
+            mask = _fill_holes_slice_by_slice(mask)
+        return mask
+
+
+def _fill_holes_slice_by_slice(mask: torch.Tensor) -> torch.Tensor:
+    """Fill what each 2D slice encloses, along every axis: a CT body mask must hold the lungs, which the airway
+    opens to the outside of the field of view in 3D (so a 3D fill leaves them out) but every axial slice encloses."""
+    filled = mask[0].numpy().copy()
+    for axis in range(3):
+        in_plane = ndimage.generate_binary_structure(3, 1)
+        in_plane[tuple(slice(None) if a != axis else [0, 2] for a in range(3))] = False  # no link across slices
+        filled |= ndimage.binary_fill_holes(mask[0].numpy(), structure=in_plane)
+    return torch.from_numpy(filled)[None]
 
 
 class MaskedPercentileNormalized(MapTransform):

@@ -47,7 +47,7 @@ from .outputs import (
 from .overview import save_overview
 from .reporting import banner
 from .scoring import robust_threshold
-from .token_cache import TokenCache, file_digest, files_intact
+from .token_cache import TokenCache, bundle_version, file_digest, files_intact
 from .tokenizer import MultiAxisTokenizer
 
 __all__ = ["CohortError", "CohortRunner", "Encoded", "RunReport", "SCORE_FIELDS"]
@@ -241,7 +241,7 @@ class CohortRunner:
         """Identity of everything a subject's written results depend on."""
         digest = hashlib.sha256(json.dumps(
             {"settings": self.settings, "top_fraction": self.top_fraction, "overview": self.overview,
-             "threshold": threshold, "inputs": self.cache.input_digests(subject)},
+             "threshold": threshold, "inputs": self.cache.input_digests(subject), "bundle_version": bundle_version()},
             sort_keys=True, default=str).encode())
         digest.update(token_scores.contiguous().numpy().tobytes())
         return digest.hexdigest()
@@ -380,6 +380,7 @@ def versions() -> dict[str, str]:
     import timm
 
     return {
+        "bundle": bundle_version(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "torch": torch.__version__,
