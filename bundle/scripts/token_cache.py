@@ -8,6 +8,7 @@ stale entry is never used.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -27,6 +28,7 @@ FORMAT_VERSION = 1  # bump when the cached content changes meaning
 METADATA = Path(__file__).resolve().parents[1] / "configs" / "metadata.json"
 
 
+@functools.cache
 def bundle_version() -> str:
     """The bundle's release (``configs/metadata.json``): a release may change preprocessing, so cached tokens
     and kept results of another release are not reused."""

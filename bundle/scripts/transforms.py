@@ -10,10 +10,10 @@ from collections.abc import Hashable, Mapping
 
 import numpy as np
 import torch
-from scipy import ndimage
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import FillHoles, KeepLargestConnectedComponent, MapTransform
+from scipy import ndimage
 
 __all__ = [
     "CohortInputError", "ValidateVolumed", "EnsureMaskd", "MaskedPercentileNormalized", "source_name", "plain_tensor",
@@ -137,11 +137,12 @@ class EnsureMaskd(MapTransform):
 def _fill_holes_slice_by_slice(mask: torch.Tensor) -> torch.Tensor:
     """Fill what each 2D slice encloses, along every axis: a CT body mask must hold the lungs, which the airway
     opens to the outside of the field of view in 3D (so a 3D fill leaves them out) but every axial slice encloses."""
-    filled = mask[0].numpy().copy()
+    volume = mask[0].numpy()
+    filled = volume.copy()
     for axis in range(3):
         in_plane = ndimage.generate_binary_structure(3, 1)
         in_plane[tuple(slice(None) if a != axis else [0, 2] for a in range(3))] = False  # no link across slices
-        filled |= ndimage.binary_fill_holes(mask[0].numpy(), structure=in_plane)
+        filled |= ndimage.binary_fill_holes(volume, structure=in_plane)
     return torch.from_numpy(filled)[None]
 
 
