@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -55,6 +58,14 @@ def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray = LPS_AFFINE) 
 def ellipsoid(shape, centre, radii) -> np.ndarray:
     grid = np.indices(shape).astype(np.float64)
     return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii)) <= 1.0
+
+
+def run_bundle(tmp_path: Path, **overrides) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run`` of the inference config with ``--key value`` overrides, as a user types it."""
+    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(INFERENCE), "--progress", "false"]
+    for key, value in overrides.items():
+        args += [f"--{key}", repr(value) if isinstance(value, (dict, list, bool)) or value is None else str(value)]
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def run_in_process(**overrides):

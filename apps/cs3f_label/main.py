@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any, Dict
 
 import lib.configs  # noqa: F401  (imported while MONAI Label has the app folder on sys.path)
@@ -16,8 +17,9 @@ import lib.configs.cs3f  # noqa: F401
 import lib.engine  # noqa: F401
 import lib.infers  # noqa: F401
 from fastapi import HTTPException
+from lib import http_policy
 from lib.engine import CS3FError
-from lib.infers.anomaly import IMAGE_ID_KEY, CS3FBatchInfer
+from lib.infers.anomaly import IMAGE_ID_KEY, UPLOAD_KEY, CS3FBatchInfer
 
 import monailabel
 from monailabel.config import settings
@@ -29,7 +31,6 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.utils.others.class_utils import get_class_names
 
 logger = logging.getLogger(__name__)
-SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 
 
 class CS3FApp(MONAILabelApp):
@@ -41,6 +42,9 @@ class CS3FApp(MONAILabelApp):
         if invalid:
             raise ValueError(f"--conf models: unknown {invalid}; available: all, {', '.join(sorted(configs))}")
         self.studies_arg = studies
+        server = sys.modules.get("monailabel.app")  # loaded when serving; absent in batch subprocesses and scripts
+        if server is not None:
+            http_policy.install(server.app, conf, UPLOAD_KEY)
         self.task_configs: Dict[str, TaskConfig] = {}
         for name, path in sorted(configs.items()):
             if "all" in wanted or name in wanted:
@@ -93,24 +97,33 @@ class CS3FApp(MONAILabelApp):
         request = dict(request)
         model = request.get("model")
         image = request.get("image")
-        if model in self._infers and isinstance(image, str):
+        if model not in self._infers:
+            raise HTTPException(status_code=404, detail=f"unknown model {model!r}; this server has: {', '.join(sorted(self._infers))}")
+        tag = request.get("label_tag")
+        if tag is not None and http_policy.plain_name_problem(tag, "label_tag"):
+            raise HTTPException(status_code=400, detail=http_policy.plain_name_problem(tag, "label_tag"))
+        if request.get(UPLOAD_KEY) is True:  # a file the server's own route received into its private folder
+            request[IMAGE_ID_KEY] = "upload"
+            request["save_label"] = False  # an upload is not a datastore study: there is nothing to save a label to
+        elif isinstance(image, str):
             self._refresh_local(datastore)
             if not image:
                 raise HTTPException(status_code=400, detail="no study given: pass ?image=<image id>")
-            if os.path.exists(image):
-                name = os.path.basename(image.rstrip(os.sep))
-                request[IMAGE_ID_KEY] = next((name[: -len(s)] for s in SUFFIXES if name.lower().endswith(s)), name)
-            else:
-                known = datastore.list_images()
-                if image not in known:
-                    shown = ", ".join(sorted(known)[:10]) + (" ..." if len(known) > 10 else "")
-                    raise HTTPException(
-                        status_code=404,
-                        detail=f"unknown image id {image!r}: the datastore has no such study ({len(known)} studies: {shown})",
-                    )
-                request[IMAGE_ID_KEY] = image
-            if str(request.get("heatmap", "false")).lower() in ("1", "true", "yes"):
-                request["save_label"] = False  # the float heat map is for API clients, never stored as a label
+            problem = http_policy.plain_name_problem(image, "image")
+            if problem:
+                raise HTTPException(status_code=400, detail=problem)
+            known = datastore.list_images()
+            if image not in known:  # ids only: a path, even one the server can read, is not a study
+                shown = ", ".join(sorted(known)[:10]) + (" ..." if len(known) > 10 else "")
+                raise HTTPException(
+                    status_code=404,
+                    detail=f"unknown image id {image!r}: the datastore has no such study ({len(known)} studies: {shown})",
+                )
+            request[IMAGE_ID_KEY] = image
+        else:
+            raise HTTPException(status_code=400, detail="the study must be given as an image id (?image=<id>)")
+        if str(request.get("heatmap", "false")).lower() in ("1", "true", "yes"):
+            request["save_label"] = False  # the float heat map is for API clients, never stored as a label
         try:
             return super().infer(request, datastore)
         except HTTPException:

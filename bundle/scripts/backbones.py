@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .values import as_bool
 from .weights import Weights, WeightsNotFoundError, find_weights, load_state_dict
 
 __all__ = [
@@ -284,7 +285,7 @@ def create_backbone(
     weights = None
     if name != "random":
         try:
-            weights = find_weights(name, weights_path, models_dir, allow_download)
+            weights = find_weights(name, weights_path, models_dir, as_bool(allow_download, "allow_download"))
         except WeightsNotFoundError as err:
             if not fallback:
                 raise

@@ -28,6 +28,7 @@ __all__ = [
     "cohort_files",
     "refuse_existing",
     "top_fraction_mean",
+    "readable",
     "volume_ml",
 ]
 
@@ -75,11 +76,18 @@ def write_nifti(image: torch.Tensor, path: str | os.PathLike, dtype: type = np.f
 
 
 def write_csv(rows: Sequence[dict], path: str | os.PathLike, fieldnames: Sequence[str]) -> Path:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+    rows = [{k: readable(v) if isinstance(v, str) else v for k, v in row.items()} for row in rows]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(fieldnames))
         writer.writeheader()
         writer.writerows(rows)
     return Path(path)
+
+
+def readable(name: str) -> str:
+    """A file-derived name as valid UTF-8 text: bytes that are not UTF-8 (which Python keeps as surrogates)
+    become ``\\xNN`` escapes, so tables and figures stay readable and the name still says which file it was."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def write_json(obj: dict, path: str | os.PathLike) -> Path:

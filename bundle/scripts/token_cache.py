@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -86,11 +86,17 @@ class TokenCache:
         self.fingerprint = hashlib.sha256(blob.encode()).hexdigest()
         self.hits = 0
         self.misses = 0
+        self.failure = ""  # why the cache turned itself off during this run
         self._digests: dict[tuple[str, int, int], str] = {}
 
     @property
     def enabled(self) -> bool:
-        return self.cache_dir is not None
+        return self.cache_dir is not None and not self.failure
+
+    def _disable(self, err: OSError) -> None:
+        """The cache is an optimisation: when its folder cannot be used the run goes on without it (one warning)."""
+        self.failure = f"{self.cache_dir}: {err.strerror or err}"
+        logger.warning("token cache off for the rest of this run: %s", self.failure)
 
     def input_digests(self, subject: Mapping[str, str]) -> dict[str, str]:
         """SHA-256 of the subject's image and mask; each file version is hashed once per run (the writing pass
@@ -113,18 +119,32 @@ class TokenCache:
         assert self.cache_dir is not None
         return self.cache_dir / f"{subject['subject']}-{self.key(subject)[:32]}.pt"
 
-    def load(self, subject: Mapping[str, str]) -> dict[str, torch.Tensor] | None:
-        """The cached entry (``tokens``, ``valid``, ...) of ``subject``, or ``None``."""
+    def load(
+        self, subject: Mapping[str, str], check: Callable[[Mapping[str, Any]], str | None] | None = None
+    ) -> dict[str, torch.Tensor] | None:
+        """The cached entry (``tokens``, ``valid``, ...) of ``subject``, or ``None``.
+
+        ``check`` says what makes an entry unusable (wrong shape, NaN tokens), or ``None``; such an entry, like an
+        unreadable one, is a miss, so the subject is encoded again.
+        """
         if not self.enabled:
             return None
         path = self.path(subject)
-        if not path.is_file():
+        try:
+            found = path.is_file()
+        except OSError as err:
+            self._disable(err)
+            return None
+        if not found:
             self.misses += 1
             return None
         try:
             entry = torch.load(path, map_location="cpu", weights_only=True)
+            problem = "not a dictionary" if not isinstance(entry, dict) else check(entry) if check else None
         except Exception as err:  # a damaged entry is a miss, not a failure
-            logger.warning("ignoring unreadable token cache entry %s: %s", path, err)
+            problem = f"unreadable ({err})"
+        if problem:
+            logger.warning("ignoring token cache entry %s: %s", path, problem)
             self.misses += 1
             return None
         self.hits += 1
@@ -133,5 +153,8 @@ class TokenCache:
     def save(self, subject: Mapping[str, str], entry: Mapping[str, torch.Tensor]) -> None:
         if not self.enabled:
             return
-        with atomic_path(self.path(subject)) as tmp:
-            torch.save(dict(entry), tmp)
+        try:
+            with atomic_path(self.path(subject)) as tmp:
+                torch.save(dict(entry), tmp)
+        except OSError as err:
+            self._disable(err)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import SliceEncoder
+from .values import as_bool
 
 __all__ = ["MultiAxisTokenizer"]
 
@@ -67,7 +68,7 @@ class MultiAxisTokenizer(nn.Module):
         self.axes = tuple(int(a) for a in axes)
         self.slice_depth = slice_depth
         self.slice_batch = slice_batch
-        self.amp = amp
+        self.amp = as_bool(amp, "amp")
         widths = [int(w) for w in encoder.out_dims] * len(self.axes)  # per (axis, output) group
         self.channels = min(max(widths), proj_dim)
         self.num_groups = len(widths)

@@ -81,16 +81,21 @@ class EnsureMaskd(MapTransform):
             intensity value (for CT, e.g. -500 HU separates body from air; what a slice of the body encloses,
             such as the lungs, is filled in).
         affine_atol: tolerance, in mm, when comparing the image and mask affines.
+        min_extent_mm: the foreground's bounding box must span at least this along every axis. A speck of
+            foreground (a one-voxel mask, a 3x3x3 volume) would otherwise be blown up to the whole grid by the
+            crop-and-resize, scored as a brain, and raise the cohort threshold for everybody else.
     """
 
     def __init__(
-        self, image_key: str = "image", mask_key: str = "mask", threshold: str | float = "otsu", affine_atol: float = 1e-3
+        self, image_key: str = "image", mask_key: str = "mask", threshold: str | float = "otsu", affine_atol: float = 1e-3,
+        min_extent_mm: float = 0.0,
     ) -> None:
         super().__init__([image_key], allow_missing_keys=False)
         self.image_key = image_key
         self.mask_key = mask_key
         self.threshold = threshold
         self.affine_atol = affine_atol
+        self.min_extent_mm = float(min_extent_mm)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
@@ -100,8 +105,22 @@ class EnsureMaskd(MapTransform):
         if not bool(mask.any()):
             what = source_name(given) if given is not None else f"{source_name(image)} (computed foreground)"
             raise CohortInputError(f"{what}: the mask is empty, no foreground voxels to analyse")
+        self._check_extent(image, given, mask)
         d[self.mask_key] = with_meta_of(image, mask.to(torch.float32))
         return d
+
+    def _check_extent(self, image: torch.Tensor, given: torch.Tensor | None, mask: torch.Tensor) -> None:
+        voxel_mm = image.pixdim[:3].tolist() if isinstance(image, MetaTensor) else [1.0] * 3
+        extent = []
+        for axis, size in enumerate(voxel_mm):
+            hit = torch.nonzero(mask[0].movedim(axis, 0).flatten(1).any(1)).flatten()  # slices holding foreground
+            extent.append(float(hit[-1] - hit[0] + 1) * abs(float(size)))
+        if min(extent) < self.min_extent_mm:
+            what = source_name(given) if given is not None else f"{source_name(image)} (computed foreground)"
+            raise CohortInputError(
+                f"{what}: the foreground spans only {' x '.join(f'{e:g}' for e in extent)} mm; at least "
+                f"{self.min_extent_mm:g} mm along every axis is needed (min_foreground_extent_mm)"
+            )
 
     def _check_given(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if mask.shape[1:] != image.shape[1:]:

@@ -14,6 +14,7 @@ Re-runs do only what changed: tokens come from the token cache, and a subject wh
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -36,6 +37,7 @@ from .distributed import all_gather, init_process_group, rank_and_world
 from .inferer import CohortInferer
 from .outputs import (
     cohort_files,
+    readable,
     refuse_existing,
     subject_files,
     top_fraction_mean,
@@ -46,15 +48,18 @@ from .outputs import (
 )
 from .overview import save_overview
 from .reporting import banner
+from .run_folder import RunFolder, check_output_dir
 from .scoring import robust_threshold
 from .token_cache import TokenCache, bundle_version, file_digest, files_intact
 from .tokenizer import MultiAxisTokenizer
+from .values import as_bool
 
-__all__ = ["CohortError", "CohortRunner", "Encoded", "RunReport", "SCORE_FIELDS"]
+__all__ = ["CohortError", "CohortRunner", "Encoded", "RunReport", "SCORE_FIELDS", "EXIT_SKIPPED", "exit_with_status"]
 
 logger = logging.getLogger(__name__)
 SCORE_FIELDS = ("subject", "subject_score", "lesion_volume_ml", "image")
 MIN_SUBJECTS = 3
+EXIT_SKIPPED = 3  # exit status of a run that finished but skipped some subjects (0: every subject has results)
 
 
 class CohortError(RuntimeError):
@@ -79,6 +84,18 @@ class RunReport:
     problems: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     threshold: float = float("nan")
+
+    @property
+    def exit_status(self) -> int:
+        return EXIT_SKIPPED if self.problems else 0
+
+
+def exit_with_status(report: RunReport) -> RunReport:
+    """End the process with ``EXIT_SKIPPED`` when some subjects got no results, so scripts and schedulers see it."""
+    if report.exit_status:
+        logger.error("%d subject(s) skipped, see 'problems' in run.json; exit status %d", len(report.problems), report.exit_status)
+        raise SystemExit(report.exit_status)
+    return report
 
 
 class CohortRunner:
@@ -134,15 +151,24 @@ class CohortRunner:
         self.inferer = inferer
         self.threshold = dict(threshold)
         self.top_fraction = top_fraction
-        self.overwrite = overwrite
+        self.overwrite = as_bool(overwrite, "overwrite")
         self.settings = dict(settings or {})
-        self.overview = overview
-        self.distributed = distributed
-        self.require_mask = require_mask
-        self.progress = progress and int(os.environ.get("RANK", "0")) == 0
+        self.overview = as_bool(overview, "write_overview")
+        self.distributed = as_bool(distributed, "distributed")
+        self.require_mask = as_bool(require_mask, "require_mask")
+        self.progress = as_bool(progress, "progress") and int(os.environ.get("RANK", "0")) == 0
         self.cache = cache or TokenCache(None, {})
 
     def run(self) -> RunReport:
+        """Run the cohort with ``output_dir`` held (see ``run_folder.RunFolder``) and return what happened."""
+        check_output_dir(self.output_dir, self.dataset_dir)
+        if self.distributed:
+            init_process_group()
+        rank, world = rank_and_world()
+        with RunFolder(self.output_dir) if rank == 0 else contextlib.nullcontext() as folder:
+            return self._run(folder, rank, world)
+
+    def _run(self, folder: RunFolder | None, rank: int, world: int) -> RunReport:
         report = RunReport()
         start = time.perf_counter()
         note = backbone_note(self.network.encoder)
@@ -152,9 +178,6 @@ class CohortRunner:
         refuse_existing(self.output_dir, [s["subject"] for s in subjects], self.overwrite)
         self._log_problems(report.problems)
 
-        if self.distributed:
-            init_process_group()
-        rank, world = rank_and_world()
         tick = time.perf_counter()
         # each rank encodes its shard; all ranks then hold the tokens of the whole cohort, in subject order
         problems: list[str] = []
@@ -169,6 +192,8 @@ class CohortRunner:
             )
 
         tick = time.perf_counter()
+        if folder is not None:
+            folder.mark_incomplete()  # before any rank can write: the gather of the scores waits for rank 0
         mine = list(range(rank, len(encoded), world))
         scores = torch.empty(0)
         for indices, part in all_gather((mine, self.inferer.score_entries([e.entry for e in encoded], self.network, mine))):
@@ -198,8 +223,9 @@ class CohortRunner:
         report.timings["write_s"] = time.perf_counter() - tick
         report.timings["total_s"] = time.perf_counter() - start
         report.timings["processes"] = world
-        if rank == 0:
+        if folder is not None:
             self._write_cohort_files(report)
+            folder.mark_complete()
         return report
 
     def encode(self, subjects: list[dict[str, str]], problems: list[str]) -> list[Encoded]:
@@ -207,7 +233,7 @@ class CohortRunner:
         encoded = []
         for subject in tqdm(subjects, desc="encoding", disable=not self.progress):
             try:
-                entry = self.cache.load(subject) or self._encode_subject(subject)
+                entry = self.cache.load(subject, check=self._entry_problem) or self._encode_subject(subject)
                 if not bool(entry["valid"].any()):
                     raise ValueError("the mask covers no token of the common grid (mask too small or too thin)")
             except Exception as err:
@@ -216,6 +242,21 @@ class CohortRunner:
                 continue
             encoded.append(Encoded(subject, entry))
         return encoded
+
+    def _entry_problem(self, entry: Mapping[str, Any]) -> str | None:
+        """What makes a (cached) entry unusable for this run, or ``None``: wrong shape, NaN or infinite tokens."""
+        tokens, valid = entry.get("tokens"), entry.get("valid")
+        if not isinstance(tokens, torch.Tensor) or tokens.ndim != 4 or tokens.shape[0] != self.network.out_channels:
+            return f"tokens of shape {tuple(getattr(tokens, 'shape', ()))}, expected ({self.network.out_channels}, d, h, w)"
+        grid = self.settings.get("grid_size")
+        expected = self.network.token_grid([int(grid)] * 3) if isinstance(grid, int) else tuple(tokens.shape[1:])
+        if tuple(tokens.shape[1:]) != expected:
+            return f"a token grid of {tuple(tokens.shape[1:])}, expected {expected}"
+        if not isinstance(valid, torch.Tensor) or tuple(valid.shape) != expected:
+            return f"a validity grid of {tuple(getattr(valid, 'shape', ()))}, expected {expected}"
+        if not bool(torch.isfinite(tokens).all()) or not all(bool(torch.isfinite(f).all()) for f in entry.get("fine", [])):
+            return "NaN or infinite tokens"
+        return None
 
     def _encode_subject(self, subject: dict[str, str]) -> dict[str, torch.Tensor]:
         data = self.preprocessing(dict(subject))
@@ -289,7 +330,7 @@ class CohortRunner:
         save_overview(
             image.as_tensor()[0].numpy(), heat.as_tensor()[0].numpy(), path,
             spacing=[float(s) for s in image.pixdim[:3]], mask=mask.as_tensor()[0].numpy() > 0,
-            title=f"{row['subject']}: score {row['subject_score']:.4g}, flagged {row['lesion_volume_ml']:.2f} ml",
+            title=f"{readable(row['subject'])}: score {row['subject_score']:.4g}, flagged {row['lesion_volume_ml']:.2f} ml",
         )
 
     def _write_cohort_files(self, report: RunReport) -> None:
@@ -310,7 +351,8 @@ class CohortRunner:
                 "threshold": {**self.threshold, "score": report.threshold},
                 "subjects_written": len(report.subjects),
                 "subjects_kept": len(report.kept),
-                "token_cache": {"dir": str(self.cache.cache_dir or ""), "hits": self.cache.hits, "misses": self.cache.misses},
+                "token_cache": {"dir": str(self.cache.cache_dir or ""), "hits": self.cache.hits, "misses": self.cache.misses,
+                                "failure": self.cache.failure},
                 "problems": report.problems,
                 "timings_s": report.timings,
                 "versions": versions(),

@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from lib.http_policy import POLICY_KEYS
+
 logger = logging.getLogger(__name__)
 
 # Classes of the label map (0 is background). Level 1 is exactly the bundle's anomaly mask.
@@ -50,6 +52,7 @@ APP_KEYS = {
     "reference": "reference cohort: 'all' or comma-separated glob patterns over image ids (default: all)",
     "min_reference": "minimum number of usable reference studies (default 2, the least cross-subject scoring needs)",
     "strong_factor": "class 2 level = median + strong_factor x (threshold - median) of the cohort's token scores (default 2)",
+    **POLICY_KEYS,
 }
 # MONAI Label's own conf keys that may reach the app; accepted silently.
 MONAI_LABEL_KEYS = {"server_mode", "auth_token", "preload", "skip_scoring", "skip_strategies", "skip_trainers"}
@@ -59,6 +62,7 @@ DEFAULT_MIN_REFERENCE = 2
 MEMO_ENTRIES = 2  # cohort score sets kept in memory (a coarse-to-fine set is ~5.6 MB per study)
 MEMO_FILES = 4  # cohort score files kept in the cache folder (older cohorts of a growing datastore are dropped)
 RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
+RESULT_DTYPES = ("uint8", "uint16", "int16", "int32", "float32")
 
 
 class CS3FError(Exception):
@@ -156,8 +160,8 @@ class Engine:
         self.reference = str(conf.get("reference", "all") or "all")
         self.min_reference = self._min_reference(conf.get("min_reference", DEFAULT_MIN_REFERENCE))
         self.strong_factor = float(parse_value(conf.get("strong_factor", 2.0)))
-        if self.strong_factor < 1:
-            raise ValueError(f"--conf strong_factor must be >= 1, got {self.strong_factor}")
+        if not math.isfinite(self.strong_factor) or self.strong_factor < 1:
+            raise ValueError(f"--conf strong_factor must be a finite number >= 1, got {conf.get('strong_factor')!r}")
         self.cache_dir = self._cache_dir(conf.get("cache_dir"), studies, local_datastore)
         # the runner's dataset_dir: never searched by the app (it names the subjects itself), but relative paths in
         # bundle settings are best resolved in the studies folder
@@ -318,7 +322,10 @@ class Engine:
             ext = ext if ext.startswith(".") else f".{ext}"
             if ext.lower() not in RESULT_EXTENSIONS:
                 raise ValueError(f"result_extension must be one of {RESULT_EXTENSIONS}, got {ext!r}")
-            dtype = np.dtype("float32" if heatmap else params.get("result_dtype") or "uint8").type
+            dtype_name = "float32" if heatmap else str(params.get("result_dtype") or "uint8")
+            if dtype_name not in RESULT_DTYPES:
+                raise ValueError(f"result_dtype must be one of {RESULT_DTYPES}, got {params.get('result_dtype')!r}")
+            dtype = np.dtype(dtype_name).type
         except (TypeError, ValueError) as err:
             raise CS3FError(400, f"bad request parameter: {err}") from err
         runner = self.runner
@@ -508,13 +515,17 @@ class Engine:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(name, 0o666 & ~umask)  # mkstemp makes 0600; a label saved into the datastore keeps this mode
-        if ext.lower() in (".nii", ".nii.gz"):
-            out = nib.Nifti1Image(data.astype(dtype), heat_img.affine)
-            out.set_qform(heat_img.affine, code=1)
-            out.set_sform(heat_img.affine, code=1)
-            nib.save(out, name)
-        else:  # .nrrd for the OHIF and Slicer plugins, through MONAI Label's own writer
-            from monailabel.transform.writer import write_itk
+        try:
+            if ext.lower() in (".nii", ".nii.gz"):
+                out = nib.Nifti1Image(data.astype(dtype), heat_img.affine)
+                out.set_qform(heat_img.affine, code=1)
+                out.set_sform(heat_img.affine, code=1)
+                nib.save(out, name)
+            else:  # .nrrd for the OHIF and Slicer plugins, through MONAI Label's own writer
+                from monailabel.transform.writer import write_itk
 
-            write_itk(data, name, heat_img.affine, dtype, compress)
+                write_itk(data, name, heat_img.affine, dtype, compress)
+        except BaseException:
+            os.unlink(name)  # no empty result file left behind
+            raise
         return name

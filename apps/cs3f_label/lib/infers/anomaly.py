@@ -14,6 +14,7 @@ logger = logging.getLogger(__name__)
 
 # request keys the app sets for the task (not client parameters)
 IMAGE_ID_KEY = "cs3f_image_id"
+UPLOAD_KEY = "cs3f_uploaded"  # set only by the server's own /infer route, for a file it received (never by a client)
 
 
 class CS3FAnomaly(InferTask):
