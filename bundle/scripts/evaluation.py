@@ -22,6 +22,7 @@ from .cohort import match_pattern
 from .metrics import subject_metrics
 from .outputs import atomic_path, subject_files, write_csv, write_json
 from .overview import save_overview
+from .values import as_bool
 from .workflow import RunReport, backbone_note
 
 __all__ = ["CohortEvaluator", "METRIC_FIELDS"]
@@ -65,7 +66,7 @@ class CohortEvaluator:
         self.label_pattern = label_pattern
         self.output_dir = Path(output_dir)
         self.mask_pattern = mask_pattern or None
-        self.figures = figures
+        self.figures = as_bool(figures, "eval_figures")
 
     def _one(self, pattern: str, subject: str) -> Path | None:
         found = match_pattern(self.dataset_dir, pattern, subject)

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from .postprocessing import upsample_parts
 from .scoring import MATCHING_MODES, fine_scores, median_and_mad, mutual_scores
 from .transforms import plain_tensor
+from .values import as_bool
 
 __all__ = ["CohortInferer"]
 
@@ -65,7 +66,7 @@ class CohortInferer(Inferer):
         if fusion not in ("mean", "max"):
             raise ValueError(f"fusion must be 'mean' or 'max', got {fusion!r}")
         self.device = device
-        self.progress = progress
+        self.progress = as_bool(progress, "progress")
         self.fine_margin = fine_margin
         self.fusion = fusion
 

@@ -34,28 +34,31 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def check_output_dir(output_dir: str | os.PathLike, dataset_dir: str | os.PathLike) -> Path:
-    """Create ``output_dir`` if needed and make sure a run can use it; returns its resolved path."""
+def check_output_dir(output_dir: str | os.PathLike, dataset_dir: str | os.PathLike) -> bool:
+    """Create ``output_dir`` if needed and make sure a run can use it; returns whether it had to be created."""
     out, data = Path(output_dir).resolve(), Path(dataset_dir).resolve()
     if _inside(out, data):
         raise OutputFolderError(
             f"output_dir {out} is {'the dataset folder' if out == data else 'inside the dataset folder ' + str(data)}: "
             "a re-run would read its own results as subjects; choose an output_dir outside dataset_dir"
         )
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as err:
         raise OutputFolderError(f"output_dir {out} cannot be written: {err.strerror or err}") from err
-    return out
+    return created
 
 
 class RunFolder(contextlib.AbstractContextManager):
     """Hold ``output_dir`` for one run (see the module docstring); use as a context manager."""
 
-    def __init__(self, output_dir: str | os.PathLike) -> None:
+    def __init__(self, output_dir: str | os.PathLike, created: bool = False) -> None:
         self.path = Path(output_dir)
+        self.created = created  # the run made the folder: a run refused before writing removes it again
+        self.wrote = False
         self._handle = None
 
     def __enter__(self) -> RunFolder:
@@ -80,11 +83,17 @@ class RunFolder(contextlib.AbstractContextManager):
         self.remove_stale_temporaries()
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self._handle is not None:
-            fcntl.flock(self._handle, fcntl.LOCK_UN)
-            self._handle.close()
-            self._handle = None
+    def __exit__(self, kind, *exc) -> None:
+        if self._handle is None:
+            return
+        if kind is not None and not self.wrote:  # refused or failed before any result: leave nothing behind
+            (self.path / LOCK).unlink(missing_ok=True)
+            if self.created:
+                with contextlib.suppress(OSError):
+                    self.path.rmdir()
+        fcntl.flock(self._handle, fcntl.LOCK_UN)
+        self._handle.close()
+        self._handle = None
 
     @property
     def incomplete(self) -> bool:
@@ -92,6 +101,7 @@ class RunFolder(contextlib.AbstractContextManager):
 
     def mark_incomplete(self) -> None:
         """Say, before the first result file is touched, that the folder may now mix two runs."""
+        self.wrote = True
         (self.path / INCOMPLETE).write_text(
             "A CS3F run started writing results here and has not finished (it is running, or it was stopped).\n"
             "Files in this folder may come from two different runs. Run the job again to complete them;\n"

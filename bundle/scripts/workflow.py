@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -84,14 +85,32 @@ class RunReport:
     problems: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     threshold: float = float("nan")
+    output_dir: str = ""
+    backbone: str = ""  # network and weights, one line
 
     @property
     def exit_status(self) -> int:
         return EXIT_SKIPPED if self.problems else 0
 
+    def summary(self, top: int = 5) -> str:
+        """The closing summary of a run, for the person who started it."""
+        ranked = sorted(self.subjects, key=lambda r: -r["subject_score"] if math.isfinite(r["subject_score"]) else math.inf)
+        lines = [
+            f"CS3F: {len(self.subjects)} subject(s) scored, {len(self.problems)} skipped, in {self.timings.get('total_s', 0):.0f} s; "
+            f"results in {self.output_dir}",
+            f"  backbone: {self.backbone}",
+            f"  threshold (heat at or above it is flagged): {self.threshold:.4g}",
+            f"  most anomalous (subject score, flagged volume):",
+            *(f"    {readable(r['subject'])}: {r['subject_score']:.4g}, {r['lesion_volume_ml']:.2f} ml" for r in ranked[:top]),
+            *(["  skipped:"] + [f"    {readable(p)}" for p in self.problems] if self.problems else []),
+        ]
+        return "\n".join(lines)
+
 
 def exit_with_status(report: RunReport) -> RunReport:
-    """End the process with ``EXIT_SKIPPED`` when some subjects got no results, so scripts and schedulers see it."""
+    """Print the closing summary; end the process with ``EXIT_SKIPPED`` when some subjects got no results, so
+    scripts and schedulers see it."""
+    print(report.summary(), flush=True)
     if report.exit_status:
         logger.error("%d subject(s) skipped, see 'problems' in run.json; exit status %d", len(report.problems), report.exit_status)
         raise SystemExit(report.exit_status)
@@ -161,15 +180,15 @@ class CohortRunner:
 
     def run(self) -> RunReport:
         """Run the cohort with ``output_dir`` held (see ``run_folder.RunFolder``) and return what happened."""
-        check_output_dir(self.output_dir, self.dataset_dir)
+        created = check_output_dir(self.output_dir, self.dataset_dir)
         if self.distributed:
             init_process_group()
         rank, world = rank_and_world()
-        with RunFolder(self.output_dir) if rank == 0 else contextlib.nullcontext() as folder:
+        with RunFolder(self.output_dir, created) if rank == 0 else contextlib.nullcontext() as folder:
             return self._run(folder, rank, world)
 
     def _run(self, folder: RunFolder | None, rank: int, world: int) -> RunReport:
-        report = RunReport()
+        report = RunReport(output_dir=str(self.output_dir), backbone=weights_line(self.network.encoder))
         start = time.perf_counter()
         note = backbone_note(self.network.encoder)
         if note:
@@ -177,6 +196,12 @@ class CohortRunner:
         subjects, report.problems = find_subjects(self.dataset_dir, self.image_pattern, self.mask_pattern, self.require_mask)
         refuse_existing(self.output_dir, [s["subject"] for s in subjects], self.overwrite)
         self._log_problems(report.problems)
+        if len(subjects) < MIN_SUBJECTS:  # before hours of encoding
+            raise CohortError(
+                f"{len(subjects)} subject(s) found in {self.dataset_dir} with image_pattern {self.image_pattern!r}"
+                + (f" and mask_pattern {self.mask_pattern!r}" if self.mask_pattern else "")
+                + f"; cross-subject scoring needs at least {MIN_SUBJECTS}." + "".join(f" {p}." for p in report.problems)
+            )
 
         tick = time.perf_counter()
         # each rank encodes its shard; all ranks then hold the tokens of the whole cohort, in subject order
