@@ -236,6 +236,8 @@ def test_demo_config_reports_weights_and_settings(tmp_path):
     assert "random (no pretrained weights)" in report and "NOT a pretrained foundation model" in report
     assert "`grid_size` 32" in report and "`matching` window" in report
     assert "Subject-level AUROC" in report and report.count("| sub-0") == 4
+    assert "| planted volume (ml) | flagged volume (ml) |" in report  # one name, one meaning
+    assert "probability that a subject with planted lesions scores above a lesion-free one" in report
 
 
 MSLUB_PRESET = ROOT / "configs" / "mslub_flair.json"

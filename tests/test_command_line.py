@@ -3,6 +3,7 @@ any work and with nothing written; a good run ends with a summary and no progres
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -66,6 +67,14 @@ def test_a_good_run_ends_with_a_summary_and_draws_no_progress_bars(cohort, tmp_p
     assert "4 subject(s) scored, 0 skipped" in summary and f"results in {out}" in summary
     assert "backbone: random" in summary and "threshold" in summary and "most anomalous" in summary
     assert sum(line.startswith("    sub-0") for line in summary.splitlines()) == 4
+
+    # the cohort report: every subject, most anomalous first, its figure on the cohort's one colour scale
+    page = (out / "report.html").read_text()
+    run = json.loads((out / "run.json").read_text())
+    ranked = sorted(run["results"], key=lambda s: -run["results"][s]["row"]["subject_score"])
+    assert [page.index(f"<td>{s}<br>") for s in ranked] == sorted(page.index(f"<td>{s}<br>") for s in ranked)
+    assert all(f'src="{s}_overview.png"' in page for s in ranked)
+    assert f"Operating threshold <b>{run['threshold']['score']:.4g}</b>" in page and "one colour scale" in page
 
 
 def test_overrides_are_read_as_monai_bundle_run_reads_them():

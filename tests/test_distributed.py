@@ -48,3 +48,16 @@ def test_two_process_run_equals_single_process(tmp_path):
                 a = np.asanyarray(nib.load(subject_files(single, rec["subject"])[key]).dataobj)
                 b = np.asanyarray(nib.load(subject_files(double, rec["subject"])[key]).dataobj)
                 np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_each_rank_makes_its_own_gpu_the_current_device(monkeypatch):
+    """Under torchrun with NCCL, collectives run on the current CUDA device: rank 1 must not gather on GPU 0."""
+    import torch
+
+    from scripts.distributed import local_device
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert local_device() == torch.device("cuda:1") and current == [torch.device("cuda:1")]

@@ -91,7 +91,8 @@ def test_file_names():
     assert {k: p.name for k, p in subject_files("/out", "s1").items()} == {
         "anomaly": "s1_anomaly.nii.gz", "anomaly_mask": "s1_anomaly_mask.nii.gz", "overview": "s1_overview.png"
     }
-    assert {k: p.name for k, p in cohort_files("/out").items()} == {"scores": "scores.csv", "run": "run.json"}
+    assert {k: p.name for k, p in cohort_files("/out").items()} == {"scores": "scores.csv", "report": "report.html",
+                                                                 "run": "run.json"}
 
 
 def test_top_fraction_mean():

@@ -29,7 +29,7 @@ def test_picks_the_planted_hot_spot_and_writes_a_png(tmp_path, seed):
     image, heat, centre = _planted(seed)
     mask = heat > 0.8
     path = tmp_path / "sub" / "overview.png"
-    point = save_overview(image, heat, path, spacing=(1.0, 1.2, 2.0), title="subject", mask=mask)
+    point = save_overview(image, heat, path, spacing=(1.0, 1.2, 2.0), title="subject", flagged=mask)
     assert all(isinstance(i, int) for i in point)
     assert np.abs(np.subtract(point, centre)).max() <= 2
     data = path.read_bytes()
@@ -60,7 +60,7 @@ def test_rejects_mismatched_shapes(tmp_path):
     with pytest.raises(ValueError):
         save_overview(np.zeros(SHAPE), np.zeros((4, 4, 4)), tmp_path / "x.png")
     with pytest.raises(ValueError):
-        save_overview(np.zeros(SHAPE), np.zeros(SHAPE), tmp_path / "x.png", mask=np.zeros((4, 4, 4)))
+        save_overview(np.zeros(SHAPE), np.zeros(SHAPE), tmp_path / "x.png", flagged=np.zeros((4, 4, 4)))
 
 
 def test_slices_follow_radiological_convention():

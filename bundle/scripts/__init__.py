@@ -3,6 +3,7 @@
 from . import (  # noqa: F401  (config expressions refer to them as ``scripts.<module>``)
     backbones,
     cohort,
+    cohort_report,
     command_line,
     demo,
     distributed,

@@ -294,8 +294,7 @@ def create_backbone(
                 f"WARNING: pretrained weights for {name!r} were not found, so this run uses the {fallback!r} "
                 f"backbone instead. Its results are NOT those of {name}. {err}"
             )
-            logger.warning(encoder.warning)
-            return encoder
+            return encoder  # its warning is shown once, in the run's backbone banner (workflow.backbone_note)
         (logger.info if weights.verified else logger.warning)("backbone %s: weights %s", name, weights.describe())
     if name in CNNS:
         import timm

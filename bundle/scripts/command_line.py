@@ -142,9 +142,9 @@ def check_device(device: Any) -> None:
 
 def start(device: Any = None, argv: Sequence[str] | None = None) -> None:
     """First item of a config's ``run`` list: the checks and the error hook described in the module docstring."""
-    sys.excepthook = _hook
     argv = list(sys.argv if argv is None else argv)
     if len(argv) > 1 and argv[1] == "run" and argv[0].replace(os.sep, "/").endswith("monai/bundle/__main__.py"):
+        sys.excepthook = _hook  # only for the command line: a host process that parses the config keeps its own
         overrides = command_line_overrides(argv[2:])
         if "config_file" in overrides:
             from monai.bundle import ConfigParser

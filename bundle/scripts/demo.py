@@ -51,7 +51,8 @@ def evaluate_demo(
         rows.append({
             "subject": sid,
             "lesions": len(subject["lesions"]),
-            "lesion_ml": float(truth.sum() * np.prod(nib.load(subject["label"]).header.get_zooms()[:3]) / 1000),
+            "planted_ml": float(truth.sum() * np.prod(nib.load(subject["label"]).header.get_zooms()[:3]) / 1000),
+            "flagged_ml": scores[sid]["lesion_volume_ml"],
             "score": scores[sid]["subject_score"],
             "found": bool(truth.any() and (flagged & truth).any()),
             "dice": dice(flagged, truth) if truth.any() else float("nan"),
@@ -66,6 +67,18 @@ def evaluate_demo(
         tmp.write_text(text)
     print(text)
     return {"pooled": pooled, "subject_auroc": subject_auroc, "subjects": rows}
+
+
+def _subject_auroc_meaning(value: float, rows) -> str:
+    """Subject-level AUROC in words: what a reader needs to judge it (and a warning when it is below chance)."""
+    sick, healthy = sum(r["lesions"] > 0 for r in rows), sum(r["lesions"] == 0 for r in rows)
+    if not np.isfinite(value):
+        return "Not defined: it needs both lesion and lesion-free subjects."
+    what = (f"the probability that a subject with planted lesions scores above a lesion-free one ({sick} against "
+            f"{healthy} subjects; 1.0 = every lesion subject ranks first, 0.5 = chance")
+    if value < 0.5:
+        return what + "). Below chance: the lesion-free subjects score higher, so subject scores here do not find lesions."
+    return what + ")."
 
 
 SHOWN_SETTINGS = ("backbone", "grid_size", "feature_blocks", "matching", "window", "alpha", "tokenization", "device")
@@ -94,13 +107,17 @@ def _render(rows, pooled, subject_auroc, output_dir, encoder, settings) -> str:
         f"Pooled inside the brain masks: voxel AUROC **{pooled['auroc']:.3f}**, average precision "
         f"**{pooled['average_precision']:.3f}**, Dice at the operating threshold **{pooled['dice']:.3f}** "
         f"(lesions are {100 * pooled['lesion_fraction']:.2f} % of brain voxels).",
-        f"Subject-level AUROC (lesion vs lesion-free subjects, by subject score): {subject_auroc:.3f}",
+        f"Subject-level AUROC: {subject_auroc:.3f}. {_subject_auroc_meaning(subject_auroc, rows)}",
         "",
-        "| subject | planted lesions | lesion volume (ml) | subject score | found at threshold | Dice |",
-        "|---|---|---|---|---|---|",
+        "Planted volume: the lesions the phantom generator drew. Flagged volume: what the run flagged at its "
+        "threshold (`lesion_volume_ml` in `scores.csv`). Subject score: mean of the highest 1 % of the subject's "
+        "voxel scores (`subject_score`). Found: some planted lesion voxel is flagged.",
+        "",
+        "| subject | planted lesions | planted volume (ml) | flagged volume (ml) | subject score | found at threshold | Dice |",
+        "|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['subject']} | {r['lesions']} | {r['lesion_ml']:.2f} | {r['score']:.4f} | "
+        f"| {r['subject']} | {r['lesions']} | {r['planted_ml']:.2f} | {r['flagged_ml']:.2f} | {r['score']:.4f} | "
         f"{'yes' if r['found'] else ('-' if r['lesions'] == 0 else 'no')} | {r['dice']:.3f} |"
         for r in rows
     ]

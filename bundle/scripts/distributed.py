@@ -40,7 +40,13 @@ def all_gather(obj: Any) -> list[Any]:
 
 
 def local_device() -> torch.device:
-    """This rank's GPU (``LOCAL_RANK``) or the CPU."""
+    """This rank's GPU (``LOCAL_RANK``), made the current CUDA device, or the CPU.
+
+    NCCL collectives (``all_gather_object``) run on the *current* device: without ``set_device`` every rank
+    would gather on GPU 0.
+    """
     if torch.cuda.is_available():
-        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+        torch.cuda.set_device(device)
+        return device
     return torch.device("cpu")

@@ -21,7 +21,7 @@ from sklearn.metrics import roc_auc_score
 from .cohort import match_pattern
 from .metrics import subject_metrics
 from .outputs import atomic_path, subject_files, write_csv, write_json
-from .overview import save_overview
+from .overview import TRUTH_COLOUR, save_overview
 from .values import as_bool
 from .workflow import RunReport, backbone_note
 
@@ -106,6 +106,8 @@ class CohortEvaluator:
         pooled = subject_metrics(np.concatenate(pooled_scores), np.concatenate(pooled_truth), np.concatenate(pooled_flagged))
         mixed = 0 < sum(healthy) < len(healthy)
         summary = {
+            "output_dir": str(self.output_dir),
+            "healthy_subjects": sum(healthy),
             "pooled": pooled,
             "subject_auroc": float(roc_auc_score([not h for h in healthy], subject_scores)) if mixed else float("nan"),
             "subjects": rows,
@@ -133,7 +135,7 @@ class CohortEvaluator:
         spacing[ornt[:, 0].astype(int)] = nib.affines.voxel_sizes(affine)  # input axis i becomes RAS axis ornt[i, 0]
         save_overview(
             to_ras(image.astype(np.float32)), to_ras(heat), path, spacing=spacing,
-            mask=to_ras(truth), title=f"{row['subject']}: ground truth outlined, AUROC {row['auroc']:.3f}, "
+            truth=to_ras(truth), title=f"{row['subject']}: ground truth outlined, AUROC {row['auroc']:.3f}, "
             f"best Dice {row['best_dice']:.3f}",
         )
 
@@ -150,7 +152,7 @@ class CohortEvaluator:
             ax.bar(x + (k - 1) * 0.27, [r[key] for r in rows], width=0.27, label=label)
         ax.set_xticks(x, [r["subject"] for r in rows], rotation=45, ha="right")
         ax.set_ylim(0, 1)
-        ax.legend(loc="lower right")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
         ax.set_title("per-subject accuracy inside the mask")
         fig.tight_layout()
         with atomic_path(path) as tmp:
@@ -168,7 +170,10 @@ class CohortEvaluator:
             "",
             f"**Pooled** inside the masks: voxel AUROC {p['auroc']:.3f}, AP {p['average_precision']:.3f}, best Dice "
             f"{p['best_dice']:.3f}, Dice at the operating threshold {p['dice_at_threshold']:.3f}, flagged fraction "
-            f"{p['flagged_fraction']:.4f}. Subject-level AUROC: {summary['subject_auroc']:.3f}.",
+            f"{p['flagged_fraction']:.4f}. {_subject_auroc_line(summary)}",
+            "",
+            f"Files: `metrics.md`, `metrics.csv`, `metrics.json`, `metrics_summary.png` and `<id>_eval.png` (ground truth "
+            f"outlined in {TRUTH_COLOUR}) in `{summary['output_dir']}`.",
             "",
             "| subject | lesion voxels | AUROC | AP | best Dice | Dice @ threshold | flagged fraction | subject score | s/subject |",
             "|---|---|---|---|---|---|---|---|---|",
@@ -180,3 +185,12 @@ class CohortEvaluator:
             for r in summary["subjects"]
         ]
         return "\n".join(lines) + "\n"
+
+
+def _subject_auroc_line(summary: Mapping[str, Any]) -> str:
+    """The subject-level AUROC, or why there is none (it needs subjects with and without ground-truth findings)."""
+    value, healthy, total = summary["subject_auroc"], summary["healthy_subjects"], len(summary["subjects"])
+    if np.isfinite(value):
+        return f"Subject-level AUROC (subjects with findings against {healthy} without, by subject score): {value:.3f}."
+    return (f"Subject-level AUROC: not defined here, {healthy} of {total} subjects have no ground-truth finding "
+            "(it needs subjects both with and without).")

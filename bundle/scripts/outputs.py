@@ -32,7 +32,7 @@ __all__ = [
     "volume_ml",
 ]
 
-COHORT_FILES = ("scores.csv", "run.json")
+COHORT_FILES = ("scores.csv", "report.html", "run.json")
 SUBJECT_SUFFIXES = ("_anomaly.nii.gz", "_anomaly_mask.nii.gz", "_overview.png")
 
 

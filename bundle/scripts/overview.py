@@ -19,19 +19,29 @@ from matplotlib.figure import Figure
 from scipy import ndimage
 
 HEAT_SMOOTHING_VOXELS = 2.0  # makes the chosen point the centre of a region, not a single hot voxel
+# one meaning per colour, in every figure of the bundle
+HEAT_CMAP = "inferno"
+FLAGGED_COLOUR = "cyan"  # outline of the voxels flagged at the operating threshold (the prediction)
+TRUTH_COLOUR = "magenta"  # outline of the ground truth (evaluation figures)
+CROSS_COLOUR = "lime"
 
 
 def save_overview(image: np.ndarray, heat: np.ndarray, path: str | Path, spacing: Sequence[float] = (1.0, 1.0, 1.0),
-                  title: str = "", mask: np.ndarray | None = None) -> tuple[int, int, int]:
+                  title: str = "", flagged: np.ndarray | None = None, truth: np.ndarray | None = None,
+                  scale: float | None = None, threshold: float | None = None) -> tuple[int, int, int]:
     """Save axial/coronal/sagittal slices of RAS `image` with `heat` overlaid; return the voxel shown.
 
     The slices cross at the argmax of the gaussian-smoothed heat map and are drawn in radiological
     convention (patient right on screen left; anterior up in axial, superior up in coronal/sagittal).
+    ``scale`` is the top of the heat colour scale: pass the cohort's, so that a healthy subject's map does not
+    look as hot as a lesion's (default: this map's own maximum). ``threshold`` is marked on the colour bar.
+    ``flagged`` and ``truth`` are outlined in ``FLAGGED_COLOUR`` and ``TRUTH_COLOUR``; a legend says so.
     """
     image, heat = np.asarray(image, dtype=np.float32), np.asarray(heat, dtype=np.float32)
-    if image.ndim != 3 or image.shape != heat.shape or (mask is not None and np.shape(mask) != image.shape):
-        raise ValueError(f"image, heat and mask must be 3D arrays of one shape, got {image.shape}, {heat.shape}"
-                         f"{'' if mask is None else ', ' + str(np.shape(mask))}")
+    outlines = {name: m for name, m in (("flagged", flagged), ("truth", truth)) if m is not None}
+    if image.ndim != 3 or image.shape != heat.shape or any(np.shape(m) != image.shape for m in outlines.values()):
+        raise ValueError(f"image, heat and outline masks must be 3D arrays of one shape, got {image.shape}, {heat.shape}"
+                         + "".join(f", {name} {np.shape(m)}" for name, m in outlines.items()))
     heat = np.nan_to_num(heat, nan=0.0, posinf=0.0, neginf=0.0)
     smoothed = ndimage.gaussian_filter(heat, HEAT_SMOOTHING_VOXELS)
     point = tuple(int(i) for i in np.unravel_index(np.argmax(smoothed), heat.shape))
@@ -39,32 +49,46 @@ def save_overview(image: np.ndarray, heat: np.ndarray, path: str | Path, spacing
     finite = image[np.isfinite(image)]
     low, high = np.percentile(finite, (1, 99)) if finite.size else (0.0, 1.0)
     grey = Normalize(float(low), float(high) if high > low else float(low) + 1.0)
-    heat_norm = Normalize(0.0, max(float(heat.max()), 1e-6))
-    heat_cmap = matplotlib.colormaps["inferno"]
+    top = float(scale if scale is not None else heat.max())
+    if threshold is not None and np.isfinite(threshold):
+        top = max(top, 1.05 * float(threshold))  # the threshold always shows on the colour bar
+    heat_norm = Normalize(0.0, max(top, 1e-6))
+    heat_cmap = matplotlib.colormaps[HEAT_CMAP]
+    colours = {"flagged": FLAGGED_COLOUR, "truth": TRUTH_COLOUR}
 
     fig = Figure(figsize=(12, 4.5), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
     views = _slices(image, point, spacing)
     heats = _slices(heat, point, spacing)
-    masks = _slices(np.asarray(mask, dtype=np.float32), point, spacing) if mask is not None else [None] * 3
-    for ax, view, hot, contour in zip(axes, views, heats, masks):
+    contours = {name: _slices(np.asarray(m, dtype=np.float32), point, spacing) for name, m in outlines.items()}
+    for index, (ax, view, hot) in enumerate(zip(axes, views, heats)):
         ax.imshow(view["data"], cmap="gray", norm=grey, origin="lower", aspect=view["aspect"],
                   interpolation="nearest")
         ax.imshow(np.ma.masked_less_equal(hot["data"], 0.0), cmap=heat_cmap, norm=heat_norm, alpha=0.55,
                   origin="lower", aspect=view["aspect"], interpolation="nearest")
-        if contour is not None and 0 < contour["data"].max() and contour["data"].min() < 1:
-            ax.contour(contour["data"], levels=[0.5], colors="cyan", linewidths=0.8)
+        for name, views_of_mask in contours.items():
+            contour = views_of_mask[index]["data"]
+            if 0 < contour.max() and contour.min() < 1:
+                ax.contour(contour, levels=[0.5], colors=colours[name], linewidths=0.8)
         col, row = view["cross"]
-        ax.axvline(col, color="lime", linewidth=0.6, alpha=0.7)
-        ax.axhline(row, color="lime", linewidth=0.6, alpha=0.7)
+        ax.axvline(col, color=CROSS_COLOUR, linewidth=0.6, alpha=0.7)
+        ax.axhline(row, color=CROSS_COLOUR, linewidth=0.6, alpha=0.7)
         ax.set_title(view["title"], fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
         for (x, y), letter in zip(((0.02, 0.5), (0.98, 0.5), (0.5, 0.98), (0.5, 0.02)), view["letters"]):
             ax.text(x, y, letter, transform=ax.transAxes, color="yellow", fontsize=9, ha="center", va="center")
-    fig.colorbar(ScalarMappable(norm=heat_norm, cmap=heat_cmap), ax=list(axes), shrink=0.8,
-                 label="anomaly score")
+    bar = fig.colorbar(ScalarMappable(norm=heat_norm, cmap=heat_cmap), ax=list(axes), shrink=0.8,
+                       label="anomaly score" + (" (cohort scale)" if scale is not None else " (this subject's scale)"))
+    legend = [f"heat: {HEAT_CMAP}, 0 to {heat_norm.vmax:.3g}"]
+    if threshold is not None and np.isfinite(threshold):
+        bar.ax.axhline(float(threshold), color=FLAGGED_COLOUR, linewidth=1.5)
+        legend.append(f"threshold {threshold:.3g} (line on the colour bar)")
+    legend += [f"{colours[name]} outline: {'flagged at the threshold' if name == 'flagged' else 'ground truth'}"
+               for name in outlines]
+    legend.append(f"{CROSS_COLOUR} cross: the most anomalous region")
+    fig.supxlabel("  |  ".join(legend), fontsize=8)  # laid out with the axes, never over an image
     if title:
         fig.suptitle(title)
 

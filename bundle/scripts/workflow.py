@@ -22,6 +22,7 @@ import math
 import os
 import platform
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from monai.transforms import Compose, InvertibleTransform, Orientation
 from tqdm.auto import tqdm
 
 from .cohort import find_subjects
+from .cohort_report import write_cohort_report
 from .distributed import all_gather, init_process_group, rank_and_world
 from .inferer import CohortInferer
 from .outputs import (
@@ -177,6 +179,7 @@ class CohortRunner:
         self.require_mask = as_bool(require_mask, "require_mask")
         self.progress = as_bool(progress, "progress") and int(os.environ.get("RANK", "0")) == 0
         self.cache = cache or TokenCache(None, {})
+        self.heat_scale: float | None = None  # top of the overview colour scale: the cohort's highest score
 
     def run(self) -> RunReport:
         """Run the cohort with ``output_dir`` held (see ``run_folder.RunFolder``) and return what happened."""
@@ -225,6 +228,8 @@ class CohortRunner:
             scores = part.new_full((len(encoded), *part.shape[1:]), torch.nan) if not scores.numel() else scores
             scores[indices] = part
         report.threshold = robust_threshold(scores, self.threshold["method"], self.threshold["value"])
+        finite = scores[torch.isfinite(scores)]
+        self.heat_scale = float(finite.max()) if finite.numel() else None
         report.timings["score_s"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
@@ -307,6 +312,7 @@ class CohortRunner:
         """Identity of everything a subject's written results depend on."""
         digest = hashlib.sha256(json.dumps(
             {"settings": self.settings, "top_fraction": self.top_fraction, "overview": self.overview,
+             "heat_scale": self.heat_scale if self.overview else None,
              "threshold": threshold, "inputs": self.cache.input_digests(subject), "bundle_version": bundle_version()},
             sort_keys=True, default=str).encode())
         digest.update(token_scores.contiguous().numpy().tobytes())
@@ -333,7 +339,7 @@ class CohortRunner:
             "image": subject["image"],
         }
         if self.overview:
-            self._save_overview(data, files["overview"], row)
+            self._save_overview(data, files["overview"], row, threshold)
         return row
 
     def _preprocess_geometry(self, subject: Mapping[str, str]) -> dict[str, Any]:
@@ -348,13 +354,13 @@ class CohortRunner:
             return self.preprocessing(dict(subject), end=last + 1)
         return self.preprocessing(dict(subject))
 
-    @staticmethod
-    def _save_overview(data: Mapping[str, Any], path: Path, row: Mapping[str, Any]) -> None:
+    def _save_overview(self, data: Mapping[str, Any], path: Path, row: Mapping[str, Any], threshold: float) -> None:
         to_ras = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))
         image, heat, mask = (to_ras(data[k]) for k in ("original", "anomaly", "anomaly_mask"))
         save_overview(
             image.as_tensor()[0].numpy(), heat.as_tensor()[0].numpy(), path,
-            spacing=[float(s) for s in image.pixdim[:3]], mask=mask.as_tensor()[0].numpy() > 0,
+            spacing=[float(s) for s in image.pixdim[:3]], flagged=mask.as_tensor()[0].numpy() > 0,
+            scale=self.heat_scale, threshold=threshold,
             title=f"{readable(row['subject'])}: score {row['subject_score']:.4g}, flagged {row['lesion_volume_ml']:.2f} ml",
         )
 
@@ -362,6 +368,9 @@ class CohortRunner:
         files = cohort_files(self.output_dir)
         write_csv(sorted(report.subjects, key=lambda r: r["subject"]), files["scores"], SCORE_FIELDS)
         encoder = self.network.encoder
+        if self.overview:
+            write_cohort_report(files["report"], report.subjects, report.threshold, self.heat_scale, report.backbone,
+                                backbone_note(encoder), self.settings, report.problems)
         write_json(
             {
                 "settings": self.settings,
@@ -430,8 +439,9 @@ def backbone_note(encoder: Any) -> str:
         "intensity": "the raw-intensity baseline (no learned features)",
         "random": "a RANDOMLY INITIALISED ViT, for testing the mechanics only; it scores real lesions below normal tissue",
     }.get(encoder.name, "not pretrained")
-    return banner([f"BACKBONE {encoder.name!r} is NOT a pretrained network: {what}.",
-                   encoder.warning.split(". ")[0] if encoder.warning else "Results are not CS3F/DINOv2 results."])
+    # the fallback's reason (what was looked for, how to provide the weights) is said here, once per run
+    reason = textwrap.wrap(encoder.warning, 110) if encoder.warning else ["Results are not CS3F/DINOv2 results."]
+    return banner([f"BACKBONE {encoder.name!r} is NOT a pretrained network: {what}.", *reason])
 
 
 def root_cause(err: BaseException) -> str:
