@@ -74,7 +74,7 @@ def _subject_auroc_meaning(value: float, rows) -> str:
     sick, healthy = sum(r["lesions"] > 0 for r in rows), sum(r["lesions"] == 0 for r in rows)
     if not np.isfinite(value):
         return "Not defined: it needs both lesion and lesion-free subjects."
-    what = (f"the probability that a subject with planted lesions scores above a lesion-free one ({sick} against "
+    what = (f"The probability that a subject with planted lesions scores above a lesion-free one ({sick} against "
             f"{healthy} subjects; 1.0 = every lesion subject ranks first, 0.5 = chance")
     if value < 0.5:
         return what + "). Below chance: the lesion-free subjects score higher, so subject scores here do not find lesions."
