@@ -83,6 +83,31 @@ def _subject(folder: Path, value: float) -> dict[str, str]:
     return {"subject": "s", "image": str(write_nifti(folder / "image.nii.gz", image.numpy()))}
 
 
+def test_any_override_of_the_preprocessing_is_a_cache_miss(records, tmp_path):
+    """Not only the keys mirrored in `settings`: a config path override changes the tokens, so it must miss."""
+    data, cache = _link_cohort(records[:3], tmp_path / "data"), tmp_path / "cache"
+    first = _run(data, tmp_path / "first", cache)
+    again = _run(data, tmp_path / "again", cache)
+    assert again["token_cache"]["hits"] == 3
+    changed = _run(data, tmp_path / "changed", cache, **{"preprocessing#transforms#11#upper": 60.0})
+    assert changed["token_cache"]["hits"] == 0 and changed["token_cache"]["misses"] == 3
+    assert changed["threshold"]["score"] != pytest.approx(first["threshold"]["score"])
+
+
+def test_bundle_root_is_the_bundle_folder_wherever_the_run_starts(monkeypatch):
+    """Model Zoo layout: `cd bundle && python -m monai.bundle run --config_file configs/inference.json` finds
+    `bundle/models`, as a run from the repository root does."""
+    from monai.bundle import ConfigParser
+
+    from helpers import INFERENCE, ROOT
+
+    for cwd in (ROOT / "bundle", ROOT):
+        monkeypatch.chdir(cwd)
+        parser = ConfigParser()
+        parser.read_config(str(INFERENCE))
+        assert parser.get_parsed_content("models_dir") == str(ROOT / "bundle" / "models")
+
+
 def test_cache_key_follows_content_and_token_settings_only(tmp_path):
     encoder = tiny_vit()
     settings = {"grid_size": 32, "slice_depth": 8, "alpha": 0.3, "matching": "window"}

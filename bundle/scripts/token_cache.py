@@ -21,7 +21,7 @@ import torch
 
 from .outputs import atomic_path
 
-__all__ = ["TokenCache", "bundle_version", "file_digest", "files_intact", "token_fingerprint"]
+__all__ = ["TokenCache", "bundle_version", "describe", "file_digest", "files_intact", "token_fingerprint"]
 
 logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1  # bump when the cached content changes meaning
@@ -61,15 +61,53 @@ SCORING_ONLY = frozenset(
 )
 
 
-def token_fingerprint(settings: Mapping[str, Any], encoder: Any) -> dict[str, Any]:
-    """What shapes the tokens: every run setting except the scoring-only ones, and the encoder's identity.
+def token_fingerprint(
+    settings: Mapping[str, Any], encoder: Any, preprocessing: Any = None, network: Any = None
+) -> dict[str, Any]:
+    """What shapes the tokens: every run setting except the scoring-only ones, the encoder's identity, and the
+    resolved ``preprocessing`` and ``network`` themselves.
 
-    The weights are identified by their content (the SHA-256 computed when they were found), not their path.
+    The settings alone are not enough: any value of the config can be overridden (``--preprocessing#transforms#11#upper
+    60``), so the parameters of every preprocessing transform and of the tokenizer are described from the objects
+    the run actually uses (see ``describe``). The weights are identified by their content (the SHA-256 computed when
+    they were found), not their path.
     """
     weights = getattr(encoder, "weights", None)
     kept = {k: v for k, v in settings.items() if k not in SCORING_ONLY}
+    steps = getattr(preprocessing, "transforms", [preprocessing] if preprocessing is not None else [])
     return {**kept, "encoder": encoder.name, "pretrained": encoder.pretrained, "weights": weights.sha256 if weights else "",
-            "bundle_version": bundle_version()}
+            "bundle_version": bundle_version(), "preprocessing": [describe(t) for t in steps],
+            "network": describe(network) if network is not None else None,
+            "encoder_parameters": describe(encoder)}
+
+
+PLAIN = (str, int, float, bool, type(None))
+
+
+def describe(obj: Any, depth: int = 2) -> dict[str, Any]:
+    """An object's class and its plain-valued attributes (numbers, strings, and lists, tuples or dicts of them),
+    and, ``depth`` levels down, the same of the MONAI transforms it holds (``Spacingd`` keeps its ``pixdim`` in a
+    ``Spacing``): for a transform or the tokenizer, the parameters it was built with."""
+    from monai.transforms import Transform
+
+    def plain(value: Any) -> bool:
+        if isinstance(value, PLAIN):
+            return True
+        if isinstance(value, (list, tuple)):
+            return all(plain(v) for v in value)
+        if isinstance(value, dict):
+            return all(isinstance(k, str) and plain(v) for k, v in value.items())
+        return False
+
+    attributes = {}
+    for key, value in sorted(vars(obj).items()):
+        if key.startswith("_"):  # private state (module hooks, caches), not parameters
+            continue
+        if plain(value):
+            attributes[key] = value
+        elif depth > 0 and isinstance(value, Transform):
+            attributes[key] = describe(value, depth - 1)
+    return {"class": f"{type(obj).__module__}.{type(obj).__qualname__}", **attributes}
 
 
 class TokenCache:
