@@ -47,7 +47,9 @@ def evaluate_demo(
         heat = _load(subject_files(output_dir, sid)["anomaly"])
         flagged = _load(subject_files(output_dir, sid)["anomaly_mask"]) > 0
         truth, brain = _load(subject["label"]) > 0, _load(subject["mask"]) > 0
-        heats.append(heat), truths.append(truth), masks.append(brain)
+        heats.append(heat)
+        truths.append(truth)
+        masks.append(brain)
         rows.append({
             "subject": sid,
             "lesions": len(subject["lesions"]),

@@ -93,8 +93,11 @@ class CohortEvaluator:
             row = {"subject": sid, **subject_metrics(heat[inside], truth[inside], flagged[inside]),
                    "subject_score": result["subject_score"], "seconds": seconds}
             rows.append(row)
-            pooled_scores.append(heat[inside]), pooled_truth.append(truth[inside]), pooled_flagged.append(flagged[inside])
-            subject_scores.append(result["subject_score"]), healthy.append(not truth.any())
+            pooled_scores.append(heat[inside])
+            pooled_truth.append(truth[inside])
+            pooled_flagged.append(flagged[inside])
+            subject_scores.append(result["subject_score"])
+            healthy.append(not truth.any())
             if self.figures:
                 self._figure(result["image"], heat, truth, files["overview"].with_name(f"{sid}_eval.png"), row)
         if self.label_pattern and rows and all(r["lesion_voxels"] == 0 for r in rows) and not any(

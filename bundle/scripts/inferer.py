@@ -51,7 +51,7 @@ class CohortInferer(Inferer):
         device: str | torch.device | None = None,
         progress: bool = True,
         fine_margin: int = 1,
-        fusion: str = "mean",
+        fusion: str = "max",
     ) -> None:
         super().__init__()
         if matching not in MATCHING_MODES:
@@ -69,11 +69,6 @@ class CohortInferer(Inferer):
         self.progress = as_bool(progress, "progress")
         self.fine_margin = fine_margin
         self.fusion = fusion
-
-    @torch.inference_mode()
-    def encode(self, volume: torch.Tensor, network: nn.Module) -> torch.Tensor:
-        """Tokens ``(G * C, d, h, w)`` of one channel-first volume ``(1, D, H, W)``, returned on the CPU."""
-        return network(plain_tensor(volume)[None].to(_device_of(network)))[0].cpu()
 
     @torch.inference_mode()
     def encode_subject(self, volume: torch.Tensor, mask: torch.Tensor, network: nn.Module) -> dict[str, Any]:
@@ -177,11 +172,9 @@ class CohortInferer(Inferer):
     ) -> torch.Tensor:
         """Score a cohort held in memory: ``inputs`` and ``masks`` are ``(1, D, H, W)`` volumes on one grid.
 
-        Returns token scores ``(N, 1, d, h, w)``.
+        Returns token scores ``(N, 1, d, h, w)`` (coarse tokens) or coarse-to-fine scores (fine tokens).
         """
-        tokens = torch.stack([self.encode(v, network) for v in inputs])
-        valid = torch.stack([self.token_validity(m, network.slice_depth) for m in masks])
-        return self.score(tokens, valid, network.num_groups)[:, None]
+        return self.score_entries([self.encode_subject(v, m, network) for v, m in zip(inputs, masks)], network)[:, None]
 
 
 def _accumulate(total, count, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -265,6 +265,7 @@ def fine_scores(
     valid_a = F.pad(ref_valid.movedim(1 + axis, 1), (0, 0, 0, 0, margin, margin), value=False)
     plane = [n for a, n in enumerate(coarse) if a != axis]
     t = math.prod(coarse)
+
     # coarse coordinates of every coarse token and of its matches, slice axis first
     def split(flat_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         coords = torch.stack(torch.unravel_index(flat_index, tuple(coarse)), -1)
