@@ -6,7 +6,6 @@ this never changes the global matplotlib backend or figure registry of the host 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -17,6 +16,8 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from scipy import ndimage
+
+from .outputs import atomic_path
 
 HEAT_SMOOTHING_VOXELS = 2.0  # makes the chosen point the centre of a region, not a single hot voxel
 # one meaning per colour, in every figure of the bundle
@@ -92,14 +93,8 @@ def save_overview(image: np.ndarray, heat: np.ndarray, path: str | Path, spacing
     if title:
         fig.suptitle(title)
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.stem}.png")
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=150)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return point
 
 

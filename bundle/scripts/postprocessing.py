@@ -16,7 +16,7 @@ from monai.transforms import MapTransform
 
 from .transforms import plain_tensor, with_meta_of
 
-__all__ = ["upsample_scores", "upsample_parts", "TokenScoresToVoxelsd", "MaskOutsided", "ThresholdFromKeyd"]
+__all__ = ["upsample_scores", "upsample_parts", "TokenScoresToVoxelsd", "ThresholdFromKeyd"]
 
 
 def upsample_scores(scores: torch.Tensor, spatial_shape: tuple[int, ...]) -> torch.Tensor:
@@ -59,23 +59,6 @@ class TokenScoresToVoxelsd(MapTransform):
         for key in self.key_iterator(d):
             heat = upsample_scores(plain_tensor(torch.as_tensor(d[key])).reshape(d[key].shape[-3:]), ref.shape[1:])
             d[key] = with_meta_of(ref, torch.where(inside, heat, 0.0)[None])
-        return d
-
-
-class MaskOutsided(MapTransform):
-    """Set ``keys`` to zero wherever ``mask_key`` is not set (both on the same grid)."""
-
-    def __init__(self, keys: KeysCollection, mask_key: str = "foreground") -> None:
-        super().__init__(keys)
-        self.mask_key = mask_key
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        d = dict(data)
-        inside = plain_tensor(d[self.mask_key]) > 0.5
-        for key in self.key_iterator(d):
-            if d[key].shape != inside.shape:
-                raise ValueError(f"{key} shape {tuple(d[key].shape)} differs from mask shape {tuple(inside.shape)}")
-            d[key] = d[key] * inside
         return d
 
 
