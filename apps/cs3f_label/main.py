@@ -100,8 +100,9 @@ class CS3FApp(MONAILabelApp):
         if model not in self._infers:
             raise HTTPException(status_code=404, detail=f"unknown model {model!r}; this server has: {', '.join(sorted(self._infers))}")
         tag = request.get("label_tag")
-        if tag is not None and http_policy.plain_name_problem(tag, "label_tag"):
-            raise HTTPException(status_code=400, detail=http_policy.plain_name_problem(tag, "label_tag"))
+        tag_problem = http_policy.plain_name_problem(tag, "label_tag") if tag is not None else None
+        if tag_problem:
+            raise HTTPException(status_code=400, detail=tag_problem)
         if request.get(UPLOAD_KEY) is True:  # a file the server's own route received into its private folder
             request[IMAGE_ID_KEY] = "upload"
             request["save_label"] = False  # an upload is not a datastore study: there is nothing to save a label to

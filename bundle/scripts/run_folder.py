@@ -30,14 +30,10 @@ class OutputFolderError(RuntimeError):
     """The output folder cannot be used; the message names it and says why."""
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
-
-
 def check_output_dir(output_dir: str | os.PathLike, dataset_dir: str | os.PathLike) -> bool:
     """Create ``output_dir`` if needed and make sure a run can use it; returns whether it had to be created."""
     out, data = Path(output_dir).resolve(), Path(dataset_dir).resolve()
-    if _inside(out, data):
+    if out.is_relative_to(data):
         raise OutputFolderError(
             f"output_dir {out} is {'the dataset folder' if out == data else 'inside the dataset folder ' + str(data)}: "
             "a re-run would read its own results as subjects; choose an output_dir outside dataset_dir"
@@ -95,10 +91,6 @@ class RunFolder(contextlib.AbstractContextManager):
         self._handle.close()
         self._handle = None
 
-    @property
-    def incomplete(self) -> bool:
-        return (self.path / INCOMPLETE).exists()
-
     def mark_incomplete(self) -> None:
         """Say, before the first result file is touched, that the folder may now mix two runs."""
         self.wrote = True
@@ -111,9 +103,8 @@ class RunFolder(contextlib.AbstractContextManager):
     def mark_complete(self) -> None:
         (self.path / INCOMPLETE).unlink(missing_ok=True)
 
-    def remove_stale_temporaries(self) -> list[Path]:
+    def remove_stale_temporaries(self) -> None:
         """Temporaries of ``outputs.atomic_path`` (``.<name>.<random>.tmp<suffix>``) left by a killed run."""
-        stale = [p for p in self.path.glob(".*.tmp*") if p.is_file()]
-        for p in stale:
-            p.unlink(missing_ok=True)
-        return stale
+        for p in self.path.glob(".*.tmp*"):
+            if p.is_file():
+                p.unlink(missing_ok=True)
