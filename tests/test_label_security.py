@@ -109,6 +109,9 @@ def test_infer_takes_datastore_ids_or_an_upload_never_a_path(server, cohort):
                            timeout=REQUEST_TIMEOUT_S)
     assert upload.status_code == 200, upload.text[:1000]
     assert upload.json()["subject"] == "upload" and sorted(upload.json()["references"]) == STUDIES
+    broken = requests.post(f"{server.url}/infer/anomaly", params={"output": "json"},
+                           files={"file": ("study.nii.gz", b"not an image"), "params": (None, "{}")}, timeout=REQUEST_TIMEOUT_S)
+    assert broken.status_code == 422, broken.text[:500]  # unreadable upload: a client error, and its folder goes too
     for _ in range(50):  # the upload is removed by a background task once the answer is sent
         if not [p for p in cohort["tmp"].rglob("*") if "upload" in p.name]:
             break

@@ -172,18 +172,18 @@ def make_infer_route(upload_key: str):
         user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
     ):
         instance = app_instance()
-        if model not in instance.info().get("models", {}):
-            known = ", ".join(sorted(instance.info().get("models", {})))
-            raise HTTPException(status_code=404, detail=f"unknown model {model!r}; this server has: {known}")
+        info = instance.info()
+        if model not in info.get("models", {}):  # before an upload is stored
+            raise HTTPException(status_code=404, detail=f"unknown model {model!r}; this server has: {', '.join(sorted(info.get('models', {})))}")
         if output not in (None, "image", "json", "all"):
             raise HTTPException(status_code=400, detail=f"output must be one of image, json, all; got {output!r}")
         if session_id or label:
             raise HTTPException(status_code=400, detail="sessions and label uploads are not used by the CS3F server")
-        request: dict[str, Any] = {**instance.info().get("config", {}).get("infer", {}), **parse_params(params)}
+        request: dict[str, Any] = {**info.get("config", {}).get("infer", {}), **parse_params(params)}
         request["model"] = model
+        folder = None
         if file:
             folder = tempfile.mkdtemp(prefix="cs3f_upload_")  # 0700: private to the server's user
-            background_tasks.add_task(shutil.rmtree, folder, True)
             suffix = "".join(s for s in os.path.basename(file.filename or "").split(".", 1)[1:2])
             path = os.path.join(folder, f"upload.{suffix}" if re.fullmatch(r"[A-Za-z0-9.]{1,16}", suffix) else "upload.nii.gz")
             with open(path, "wb") as out:
@@ -193,10 +193,18 @@ def make_infer_route(upload_key: str):
             request["image"] = image
         else:
             raise HTTPException(status_code=400, detail="no study given: pass ?image=<image id> or upload the image as 'file'")
-        result = instance.infer(request)
-        if result is None:
-            raise HTTPException(status_code=500, detail="inference returned no result")
-        return send_response(instance.datastore(), result, output, background_tasks)  # it removes the result file
+        try:
+            result = instance.infer(request)
+            if result is None:
+                raise HTTPException(status_code=500, detail="inference returned no result")
+            response = send_response(instance.datastore(), result, output, background_tasks)  # it removes the result file
+        except BaseException:
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)  # no answer, so no background task will run
+            raise
+        if folder is not None:
+            background_tasks.add_task(shutil.rmtree, folder, True)  # once the answer is sent
+        return response
 
     return infer_route
 
