@@ -25,7 +25,7 @@ install: $(STAMP)
 # `import monai` itself warns that torch.jit.interface is deprecated (torch 2.14); nothing the demo can act on
 demo: $(STAMP)
 	$(PY) -W 'ignore:`torch.jit.interface` is deprecated:FutureWarning' -m monai.bundle run \
-		--config_file "['bundle/configs/inference.json','bundle/configs/demo.json']"
+		--config_file "['bundle/configs/inference.json','bundle/configs/evaluate.json','bundle/configs/demo.json']"
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

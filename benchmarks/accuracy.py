@@ -36,12 +36,11 @@ sys.path.insert(0, str(ROOT / "bundle"))
 from monai.bundle import ConfigParser  # noqa: E402
 
 from scripts.cohort import find_subjects, match_pattern  # noqa: E402
-from scripts.evaluation import CohortEvaluator  # noqa: E402
 from scripts.metrics import subject_metrics  # noqa: E402
 from scripts.outputs import atomic_path, write_json  # noqa: E402
+from scripts.run_report import versions as run_versions  # noqa: E402
+from scripts.run_report import weights_record  # noqa: E402
 from scripts.weights import SOURCES, WeightsNotFoundError, find_weights  # noqa: E402
-from scripts.workflow import versions as run_versions  # noqa: E402
-from scripts.workflow import weights_record  # noqa: E402
 
 PRESETS = ("brats_flair", "mslub_flair", "ixi_t1", "mixed_t1", "demo", "ct_chest")
 PRESET_BASES = {"ct_chest": "ct"}  # a data preset stacked on the modality preset it refines
@@ -53,9 +52,12 @@ RESULTS = ROOT / "benchmarks" / "results"
 # presets whose lesion subjects get a table of their own: (subject id prefix, section title)
 PER_SUBJECT_TABLES = {
     "mslub_flair": ("patient", "MSLUB patients (small MS lesions: patient07 has 1,300 lesion voxels)"),
-    "ct_chest": ("lung", "Chest CT lesions (3 chests: each lesion is judged against 2 references; scored inside the "
-                         "body mask, lungs included; thorax_dicom has no label and counts as healthy, so the subject "
-                         "AUROC of this preset means nothing)"),
+    "ct_chest": (
+        "lung",
+        "Chest CT lesions (3 chests: each lesion is judged against 2 references; scored inside the "
+        "body mask, lungs included; thorax_dicom has no label and counts as healthy, so the subject "
+        "AUROC of this preset means nothing)",
+    ),
 }
 
 
@@ -63,10 +65,12 @@ def preset_parser(preset: str, work_dir: Path) -> ConfigParser:
     """The bundle's evaluation config with ``preset`` on top (``demo``: the built-in phantom cohort)."""
     parser = ConfigParser()
     if preset == "demo":
-        extra = [ROOT / "bundle/configs/demo.json"]
+        extra = [ROOT / "bundle/configs/demo.json"]  # after evaluate.json, as make demo reads them
     else:
         extra = [ROOT / f"configs/{name}.json" for name in (PRESET_BASES.get(preset), preset) if name]
-    parser.read_config([str(ROOT / "bundle/configs/inference.json"), str(ROOT / "bundle/configs/evaluate.json"), *map(str, extra)])
+    parser.read_config(
+        [str(ROOT / "bundle/configs/inference.json"), str(ROOT / "bundle/configs/evaluate.json"), *map(str, extra)]
+    )
     parser["bundle_root"] = str(ROOT / "bundle")
     if preset == "demo":
         parser["demo_dir"] = str(work_dir / "demo")
@@ -85,23 +89,40 @@ def run_one(preset: str, backbone: str, grid: int, matching: str, tokenization: 
     parser = preset_parser(preset, work_dir)
     blocks = f"-blocks{'_'.join(map(str, args.feature_blocks))}" if args.feature_blocks else ""
     out = work_dir / f"{preset}-{backbone}-{grid}-{matching}-{tokenization}{blocks}"
-    parser.update({
-        "output_dir": str(out), "overwrite": True, "progress": False, "write_overview": False, "eval_figures": False,
-        "backbone": backbone, "matching": matching, "tokenization": tokenization, "grid_size": grid,
-        "cache_dir": str(work_dir / "token_cache"), "fallback_backbone": None,
-        **({"feature_blocks": args.feature_blocks} if args.feature_blocks else {}),
-    })
+    parser.update(
+        {
+            "output_dir": str(out),
+            "overwrite": True,
+            "progress": False,
+            "write_overview": False,
+            "eval_figures": False,
+            "backbone": backbone,
+            "matching": matching,
+            "tokenization": tokenization,
+            "grid_size": grid,
+            "cache_dir": str(work_dir / "token_cache"),
+            "fallback_backbone": None,
+            **({"feature_blocks": args.feature_blocks} if args.feature_blocks else {}),
+        }
+    )
+    parser["evaluation#verbose"] = False
     start = time.perf_counter()
-    report = parser.get_parsed_content("runner").run()
+    report = parser.get_parsed_content("evaluator").run()  # evaluated by its GroundTruthEvaluation handler
     encoder = parser.get_parsed_content("network").encoder
-    evaluator: CohortEvaluator = parser.get_parsed_content("evaluator")
-    summary = evaluator.evaluate(report, encoder)
+    summary = parser.get_parsed_content("evaluation").summary
     return {
-        "preset": preset, "backbone": backbone, "pretrained": encoder.pretrained,
+        "preset": preset,
+        "backbone": backbone,
+        "pretrained": encoder.pretrained,
         "weights": weights_record(encoder),
-        "blocks": getattr(encoder, "blocks", None), "grid_size": grid, "matching": matching, "tokenization": tokenization,
-        "seconds": time.perf_counter() - start, "encode_s": report.timings.get("encode_s"),
-        "pooled": summary["pooled"], "subject_auroc": summary["subject_auroc"],
+        "blocks": getattr(encoder, "blocks", None),
+        "grid_size": grid,
+        "matching": matching,
+        "tokenization": tokenization,
+        "seconds": time.perf_counter() - start,
+        "encode_s": report.timings.get("encode_s"),
+        "pooled": summary["pooled"],
+        "subject_auroc": summary["subject_auroc"],
         "subjects": {r["subject"]: {k: r[k] for k in FIELDS} for r in summary["subjects"]},
     }
 
@@ -113,7 +134,9 @@ def image_intensity_baseline(preset: str, args: argparse.Namespace) -> dict | No
     parser = preset_parser(preset, Path(args.work_dir))
     label_pattern = parser["label_pattern"]
     start = time.perf_counter()
-    subjects, _ = find_subjects(parser["dataset_dir"], parser["image_pattern"], parser["mask_pattern"], parser["require_mask"])
+    subjects, _ = find_subjects(
+        parser["dataset_dir"], parser["image_pattern"], parser["mask_pattern"], parser["require_mask"]
+    )
     scores, truths, rows = [], [], {}
     for subject in subjects:
         image = np.asanyarray(nib.load(subject["image"]).dataobj).astype(np.float32)
@@ -122,13 +145,25 @@ def image_intensity_baseline(preset: str, args: argparse.Namespace) -> dict | No
         truth = np.asanyarray(nib.load(labels[0]).dataobj) > 0 if labels else np.zeros(image.shape, bool)
         s, t = image[mask], truth[mask]
         rows[subject["subject"]] = {k: v for k, v in subject_metrics(s, t, np.zeros_like(t)).items() if k in FIELDS}
-        scores.append(s), truths.append(t)
+        scores.append(s)
+        truths.append(t)
     pooled = subject_metrics(np.concatenate(scores), np.concatenate(truths), np.zeros(sum(map(len, truths)), bool))
     for r in [pooled, *rows.values()]:
         r["dice_at_threshold"] = r["flagged_fraction"] = float("nan")  # no operating threshold
-    return {"preset": preset, "backbone": BASELINE, "pretrained": None, "weights": None, "grid_size": None,
-            "matching": "-", "tokenization": "-", "seconds": time.perf_counter() - start, "encode_s": None,
-            "pooled": pooled, "subject_auroc": float("nan"), "subjects": rows}
+    return {
+        "preset": preset,
+        "backbone": BASELINE,
+        "pretrained": None,
+        "weights": None,
+        "grid_size": None,
+        "matching": "-",
+        "tokenization": "-",
+        "seconds": time.perf_counter() - start,
+        "encode_s": None,
+        "pooled": pooled,
+        "subject_auroc": float("nan"),
+        "subjects": rows,
+    }
 
 
 def available_backbones(requested: list[str], models_dir: Path) -> tuple[list[str], list[str]]:
@@ -137,7 +172,7 @@ def available_backbones(requested: list[str], models_dir: Path) -> tuple[list[st
     for name in requested:
         if name in SOURCES:
             try:
-                find_weights(name, models_dir=models_dir, allow_download=False)
+                find_weights(name, models_dir=models_dir)
             except WeightsNotFoundError:
                 skipped.append(f"{name}: no pretrained weights on this machine (make install adds them)")
                 continue
@@ -146,7 +181,14 @@ def available_backbones(requested: list[str], models_dir: Path) -> tuple[list[st
 
 
 def row_key(r: dict) -> tuple:
-    return r["preset"], r["backbone"], r["grid_size"] or 0, r["matching"], r["tokenization"], tuple(r.get("blocks") or ())
+    return (
+        r["preset"],
+        r["backbone"],
+        r["grid_size"] or 0,
+        r["matching"],
+        r["tokenization"],
+        tuple(r.get("blocks") or ()),
+    )
 
 
 def _f(x, digits: int = 3) -> str:
@@ -160,8 +202,14 @@ def _backbone(r: dict) -> str:
 
 
 def markdown(data: dict) -> str:
-    results = sorted(data["results"], key=lambda r: (PRESETS.index(r["preset"]) if r["preset"] in PRESETS else 99,
-                                                     r["backbone"] != BASELINE, *row_key(r)[1:]))
+    results = sorted(
+        data["results"],
+        key=lambda r: (
+            PRESETS.index(r["preset"]) if r["preset"] in PRESETS else 99,
+            r["backbone"] != BASELINE,
+            *row_key(r)[1:],
+        ),
+    )
     weights = {r["weights"]["sha256"]: r for r in results if r.get("weights")}
     lines = [
         "# Accuracy (voxel metrics pooled over subjects, inside the brain masks, in each subject's own space)",
@@ -174,9 +222,12 @@ def markdown(data: dict) -> str:
         "",
         "Weights of the rows:",
         "",
-        *[f"- `{r['backbone']}`: `{Path(w['file']).name}` (sha256 `{s[:16]}…`, {w['found_in']}"
-          f"{'; ' + w['package'] + ': ' + w['description'] if w['verified'] else '; NOT a recorded checkpoint'})"
-          for s, r in weights.items() for w in [r["weights"]]],
+        *[
+            f"- `{r['backbone']}`: `{Path(w['file']).name}` (sha256 `{s[:16]}…`, {w['found_in']}"
+            f"{'; ' + w['package'] + ': ' + w['description'] if w['verified'] else '; NOT a recorded checkpoint'})"
+            for s, r in weights.items()
+            for w in [r["weights"]]
+        ],
         "- `intensity`: raw voxel patches, no learned features (the CS3F baseline); `image intensity`: the image "
         "itself as the score, no CS3F at all (the radiologist's baseline).",
         "",
@@ -199,15 +250,21 @@ def markdown(data: dict) -> str:
         per_subject = [r for r in results if r["preset"] == preset]
         if not per_subject:
             continue
-        lines += ["", f"## {title}", "",
-                  "| preset | backbone | grid | matching | tokens | subject | AUROC | AP | best Dice |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## {title}",
+            "",
+            "| preset | backbone | grid | matching | tokens | subject | AUROC | AP | best Dice |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in per_subject:
             for sid, m in sorted(r["subjects"].items()):
                 if sid.startswith(prefix):
-                    lines.append(f"| {r['preset']} | {_backbone(r)} | {r['grid_size'] or '–'} | {r['matching']} | "
-                                 f"{r['tokenization']} | {sid} | {_f(m['auroc'])} | {_f(m['average_precision'])} | "
-                                 f"{_f(m['best_dice'])} |")
+                    lines.append(
+                        f"| {r['preset']} | {_backbone(r)} | {r['grid_size'] or '–'} | {r['matching']} | "
+                        f"{r['tokenization']} | {sid} | {_f(m['auroc'])} | {_f(m['average_precision'])} | "
+                        f"{_f(m['best_dice'])} |"
+                    )
     if data.get("skipped"):
         lines += ["", "Not run: " + "; ".join(data["skipped"])]
     return "\n".join(lines) + "\n"
@@ -220,7 +277,9 @@ def main() -> None:
     ap.add_argument("--grid_sizes", nargs="+", type=int, default=[224])
     ap.add_argument("--matching", nargs="+", default=["window", "global"])
     ap.add_argument("--tokenization", nargs="+", default=["coarse", "coarse_to_fine"])
-    ap.add_argument("--feature_blocks", nargs="+", type=int, help="ViT blocks to take features from (default: the bundle's)")
+    ap.add_argument(
+        "--feature_blocks", nargs="+", type=int, help="ViT blocks to take features from (default: the bundle's)"
+    )
     ap.add_argument("--no_baseline", action="store_true", help="skip the image-intensity baseline rows")
     ap.add_argument("--work_dir", default="/tmp/cs3f_accuracy")
     ap.add_argument("--results", default=str(RESULTS))
@@ -238,13 +297,17 @@ def main() -> None:
         try:
             if not args.no_baseline and (row := image_intensity_baseline(preset, args)) is not None:
                 rows[row_key(row)] = row
-            for backbone, grid, matching, tokenization in itertools.product(backbones, args.grid_sizes, args.matching,
-                                                                            args.tokenization):
+            for backbone, grid, matching, tokenization in itertools.product(
+                backbones, args.grid_sizes, args.matching, args.tokenization
+            ):
                 row = run_one(preset, backbone, grid, matching, tokenization, args)
                 rows[row_key(row)] = row
-                print(f"{preset} {backbone} {grid} {matching} {tokenization}: AUROC {_f(row['pooled']['auroc'])} "
-                      f"AP {_f(row['pooled']['average_precision'])} best Dice {_f(row['pooled']['best_dice'])} "
-                      f"({row['seconds']:.0f} s)", flush=True)
+                print(
+                    f"{preset} {backbone} {grid} {matching} {tokenization}: AUROC {_f(row['pooled']['auroc'])} "
+                    f"AP {_f(row['pooled']['average_precision'])} best Dice {_f(row['pooled']['best_dice'])} "
+                    f"({row['seconds']:.0f} s)",
+                    flush=True,
+                )
                 _save(data, rows, skipped, args, results_dir)  # a long run keeps what it measured so far
         except FileNotFoundError as err:
             skipped.append(f"{preset}: data or preset not available ({err})")

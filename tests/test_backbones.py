@@ -9,8 +9,8 @@ import huggingface_hub.constants
 import pytest
 import torch
 
-from helpers import TINY_DINOV2
 import scripts.weights
+from helpers import TINY_DINOV2
 from scripts.backbones import (
     DINOV2,
     IntensitySliceEncoder,
@@ -18,6 +18,7 @@ from scripts.backbones import (
     _timm_vit,
     create_backbone,
     evenly_spaced_blocks,
+    pretrained_backbone,
 )
 from scripts.weights import SOURCES, WeightsNotFoundError, find_weights
 
@@ -92,8 +93,7 @@ def _save_safetensors(state, path):
 def test_timm_layout_safetensors(tmp_path, isolated_caches):
     written = _written_state()
     path = _save_safetensors(written, tmp_path / "weights" / "model.safetensors")
-    encoder = create_backbone(NAME, img_size=IMG, num_blocks=2, weights_path=path, allow_download=False,
-                              backbone_kwargs=TINY_DINOV2)
+    encoder = pretrained_backbone(NAME, img_size=IMG, num_blocks=2, weights_path=path, backbone_kwargs=TINY_DINOV2)
     _assert_loaded(encoder, written)
     assert encoder.blocks == [0, 1] and encoder.patch_size == 14 and encoder.out_dims == [48, 48]
     maps = encoder(torch.rand(3, 1, IMG, IMG))
@@ -107,8 +107,7 @@ def test_dinov2_layout_pth(tmp_path, isolated_caches):
     written["pos_embed"][:, 1:] = field
     path = tmp_path / CKPT
     torch.save(_dinov2_layout(written), path)
-    encoder = create_backbone(NAME, img_size=IMG, num_blocks=1, weights_path=path, allow_download=False,
-                              backbone_kwargs=TINY_DINOV2)
+    encoder = pretrained_backbone(NAME, img_size=IMG, num_blocks=1, weights_path=path, backbone_kwargs=TINY_DINOV2)
     _assert_loaded(encoder, written)
     torch.testing.assert_close(encoder.model.pos_embed[0, 1:], field.expand(4, 48), rtol=1e-4, atol=1e-4)
     assert encoder.blocks == [1]
@@ -121,7 +120,7 @@ def test_wrapped_and_prefixed_checkpoints(tmp_path, isolated_caches, wrap):
     prefix = "backbone." if wrap == "teacher" else "module."
     path = tmp_path / "ckpt.pth"
     torch.save({wrap: {prefix + k: v for k, v in _dinov2_layout(written).items()}, "epoch": 3}, path)
-    encoder = create_backbone(NAME, img_size=IMG, num_blocks=2, weights_path=path, allow_download=False, backbone_kwargs=TINY_DINOV2)
+    encoder = pretrained_backbone(NAME, img_size=IMG, num_blocks=2, weights_path=path, backbone_kwargs=TINY_DINOV2)
     _assert_loaded(encoder, written)
 
 
@@ -129,11 +128,11 @@ def test_checkpoint_of_another_architecture_is_rejected(tmp_path, isolated_cache
     wide = _timm_vit(ARCH, 518, 0, depth=2, embed_dim=64, num_heads=2).state_dict()
     path = _save_safetensors(wide, tmp_path / "wide.safetensors")
     with pytest.raises(ValueError, match="wide.safetensors"):
-        create_backbone(NAME, img_size=IMG, num_blocks=2, weights_path=path, allow_download=False, backbone_kwargs=TINY_DINOV2)
+        pretrained_backbone(NAME, img_size=IMG, num_blocks=2, weights_path=path, backbone_kwargs=TINY_DINOV2)
     partial = {k: v for k, v in _written_state().items() if not k.startswith("blocks.1.")}
     path = _save_safetensors(partial, tmp_path / "partial.safetensors")
     with pytest.raises(ValueError, match="partial.safetensors.*missing"):
-        create_backbone(NAME, img_size=IMG, num_blocks=2, weights_path=path, allow_download=False, backbone_kwargs=TINY_DINOV2)
+        pretrained_backbone(NAME, img_size=IMG, num_blocks=2, weights_path=path, backbone_kwargs=TINY_DINOV2)
 
 
 def test_torch_hub_cache(isolated_caches):
@@ -141,8 +140,8 @@ def test_torch_hub_cache(isolated_caches):
     path = isolated_caches["torch_hub"] / "checkpoints" / CKPT
     path.parent.mkdir(parents=True)
     torch.save(_dinov2_layout(written), path)
-    assert find_weights(NAME, allow_download=False).path == path
-    encoder = create_backbone(NAME, img_size=IMG, num_blocks=2, allow_download=False, backbone_kwargs=TINY_DINOV2)
+    assert find_weights(NAME).path == path
+    encoder = pretrained_backbone(NAME, img_size=IMG, num_blocks=2, backbone_kwargs=TINY_DINOV2)
     _assert_loaded(encoder, written)
 
 
@@ -154,8 +153,8 @@ def test_models_dir_comes_before_torch_hub(tmp_path, isolated_caches):
     models.mkdir()
     written = _written_state(seed=2)
     torch.save(_dinov2_layout(written), models / CKPT)
-    assert find_weights(NAME, models_dir=models, allow_download=False).path == models / CKPT
-    encoder = create_backbone(NAME, img_size=IMG, num_blocks=2, models_dir=models, allow_download=False, backbone_kwargs=TINY_DINOV2)
+    assert find_weights(NAME, models_dir=models).path == models / CKPT
+    encoder = pretrained_backbone(NAME, img_size=IMG, num_blocks=2, models_dir=models, backbone_kwargs=TINY_DINOV2)
     _assert_loaded(encoder, written)
 
 
@@ -165,15 +164,16 @@ def test_hugging_face_cache(isolated_caches):
     (repo_dir / "refs").mkdir(parents=True)
     (repo_dir / "refs" / "main").write_text(COMMIT)
     path = _save_safetensors(written, repo_dir / "snapshots" / COMMIT / "model.safetensors")
-    assert find_weights(NAME, allow_download=False).path.resolve() == path.resolve()
-    encoder = create_backbone(NAME, img_size=IMG, num_blocks=2, allow_download=False, backbone_kwargs=TINY_DINOV2)
+    assert find_weights(NAME).path.resolve() == path.resolve()
+    encoder = pretrained_backbone(NAME, img_size=IMG, num_blocks=2, backbone_kwargs=TINY_DINOV2)
     _assert_loaded(encoder, written)
 
 
 def test_missing_weights_message(tmp_path, isolated_caches):
     with pytest.raises(WeightsNotFoundError) as info:
-        create_backbone(NAME, img_size=IMG, num_blocks=2, models_dir=tmp_path / "models", allow_download=False,
-                        backbone_kwargs=TINY_DINOV2)
+        pretrained_backbone(
+            NAME, img_size=IMG, num_blocks=2, models_dir=tmp_path / "models", backbone_kwargs=TINY_DINOV2
+        )
     message = str(info.value)
     assert repr(NAME) in message
     assert "--weights_path" in message
@@ -189,7 +189,7 @@ def test_missing_weights_message(tmp_path, isolated_caches):
 def test_missing_weights_path_names_it(tmp_path, isolated_caches):
     missing = tmp_path / "nowhere" / "dinov2_vits14_pretrain.pth"
     with pytest.raises(WeightsNotFoundError, match=str(missing)):
-        create_backbone(NAME, img_size=IMG, num_blocks=2, weights_path=missing, allow_download=False, backbone_kwargs=TINY_DINOV2)
+        pretrained_backbone(NAME, img_size=IMG, num_blocks=2, weights_path=missing, backbone_kwargs=TINY_DINOV2)
 
 
 @pytest.mark.parametrize("file_name", ["broken.pth", "broken.safetensors"])
@@ -197,7 +197,7 @@ def test_corrupt_checkpoint_names_the_file(tmp_path, isolated_caches, file_name)
     path = tmp_path / file_name
     path.write_bytes(b"this is not a checkpoint\x00\x01\x02" * 10)
     with pytest.raises(ValueError, match=file_name) as info:
-        create_backbone(NAME, img_size=IMG, num_blocks=2, weights_path=path, allow_download=False, backbone_kwargs=TINY_DINOV2)
+        pretrained_backbone(NAME, img_size=IMG, num_blocks=2, weights_path=path, backbone_kwargs=TINY_DINOV2)
     assert str(path) in str(info.value)
 
 
@@ -205,12 +205,11 @@ def test_checkpoint_that_is_not_a_state_dict(tmp_path, isolated_caches):
     path = tmp_path / "tensor.pth"
     torch.save(torch.zeros(3), path)
     with pytest.raises(ValueError, match="tensor.pth.*state dict"):
-        create_backbone(NAME, img_size=IMG, num_blocks=2, weights_path=path, allow_download=False, backbone_kwargs=TINY_DINOV2)
+        pretrained_backbone(NAME, img_size=IMG, num_blocks=2, weights_path=path, backbone_kwargs=TINY_DINOV2)
 
 
 def test_fallback_to_intensity(isolated_caches):
-    encoder = create_backbone(NAME, img_size=IMG, num_blocks=2, allow_download=False, fallback="intensity",
-                              backbone_kwargs=TINY_DINOV2)
+    encoder = pretrained_backbone(NAME, img_size=IMG, num_blocks=2, fallback="intensity", backbone_kwargs=TINY_DINOV2)
     assert isinstance(encoder, IntensitySliceEncoder)
     assert encoder.name == "intensity" and encoder.pretrained is False
     assert encoder.warning.strip()
@@ -221,8 +220,9 @@ def test_fallback_to_intensity(isolated_caches):
 def test_fallback_unused_when_weights_exist(tmp_path, isolated_caches):
     written = _written_state(seed=17)
     path = _save_safetensors(written, tmp_path / "w.safetensors")
-    encoder = create_backbone(NAME, img_size=IMG, num_blocks=2, weights_path=path, allow_download=False, fallback="intensity",
-                              backbone_kwargs=TINY_DINOV2)
+    encoder = pretrained_backbone(
+        NAME, img_size=IMG, num_blocks=2, weights_path=path, fallback="intensity", backbone_kwargs=TINY_DINOV2
+    )
     _assert_loaded(encoder, written)
     assert encoder.warning == ""
 
@@ -247,8 +247,12 @@ def test_random_backbone_is_deterministic_per_seed():
 
 
 def test_encoders_are_frozen():
-    enc = create_backbone("random", img_size=32, num_blocks=2,
-                          backbone_kwargs={"embed_dim": 24, "depth": 2, "num_heads": 2, "patch_size": 8})
+    enc = create_backbone(
+        "random",
+        img_size=32,
+        num_blocks=2,
+        backbone_kwargs={"embed_dim": 24, "depth": 2, "num_heads": 2, "patch_size": 8},
+    )
     assert not any(p.requires_grad for p in enc.parameters())
     enc.train()
     assert not enc.training and not enc.model.training
@@ -289,7 +293,7 @@ def test_unknown_backbone():
     with pytest.raises(ValueError, match="unknown backbone 'resnet50'"):
         create_backbone("resnet50", img_size=28)
     with pytest.raises(ValueError, match="unknown pretrained backbone"):
-        find_weights("dinov3_vits16", allow_download=False)
+        find_weights("dinov3_vits16")
 
 
 def test_intensity_backbone_arguments():
@@ -297,3 +301,55 @@ def test_intensity_backbone_arguments():
     assert enc.patch_size == 14 and enc.out_dims == [16] and enc.num_outputs == 1
     with pytest.raises(ValueError, match="reduce"):
         create_backbone("intensity", img_size=28, backbone_kwargs={"patch_size": 14, "reduce": 15})
+
+
+def test_building_a_network_reads_no_weights(isolated_caches, monkeypatch):
+    """The architecture is built without looking for weights (they are loaded when the encoder starts): no file, no
+    package and no network is touched, and the encoder is not ready to encode until its checkpoint is loaded."""
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network was probed")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(scripts.weights, "find_weights", no_network)
+    encoder = create_backbone(NAME, img_size=IMG, num_blocks=2, backbone_kwargs=TINY_DINOV2)
+    assert encoder.weights is None and not encoder.ready and not encoder.pretrained
+    assert (
+        create_backbone("intensity", img_size=IMG).ready
+        and create_backbone("random", img_size=32, num_blocks=2, backbone_kwargs={"depth": 2}).ready
+    )
+
+
+def test_weights_are_looked_for_without_the_network(isolated_caches, monkeypatch):
+    """Missing weights are reported at once: no socket is opened and no download is tried (large_files.yml and
+    `python -m monai.bundle download_large_files` fetch them, on a machine with internet access)."""
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network was probed")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    with pytest.raises(WeightsNotFoundError, match="download_large_files"):
+        find_weights(NAME)
+
+
+def test_published_checkpoint_identity_comes_from_large_files(tmp_path, isolated_caches, monkeypatch):
+    """A file is reported as pretrained when its SHA-256 is the ``hash_val`` of its large_files.yml entry."""
+    written = _written_state(seed=19)
+    models = tmp_path / "models"
+    models.mkdir()
+    torch.save(_dinov2_layout(written), models / CKPT)
+    assert not find_weights(NAME, models_dir=models).verified  # the bundle's large_files.yml has no hash for it
+    digest = scripts.weights.file_digest(models / CKPT)
+    listing = tmp_path / "large_files.yml"
+    listing.write_text(
+        f'large_files:\n  - path: "models/{CKPT}"\n    url: "{SOURCES[NAME].url}"\n'
+        f'    hash_val: "{digest}"\n    hash_type: "sha256"\n'
+    )
+    monkeypatch.setattr(scripts.weights, "LARGE_FILES", listing)
+    weights = find_weights(NAME, models_dir=models)
+    assert weights.verified and weights.known.backbone == NAME and SOURCES[NAME].url in weights.describe()
+    encoder = pretrained_backbone(NAME, img_size=IMG, num_blocks=2, models_dir=models, backbone_kwargs=TINY_DINOV2)
+    assert encoder.pretrained and encoder.ready

@@ -26,8 +26,9 @@ def perf():
 def test_naive_reference_equals_mutual_scores(perf, matching):
     tokens, valid = perf.cohort(5, grid=6)
     naive = torch.stack([perf.naive_scores(tokens, valid, 0.3, matching, 1, i) for i in range(5)])
-    torch.testing.assert_close(naive, mutual_scores(tokens, valid, 0.3, matching, 1), rtol=1e-4, atol=1e-4,
-                               equal_nan=True)
+    torch.testing.assert_close(
+        naive, mutual_scores(tokens, valid, 0.3, matching, 1), rtol=1e-4, atol=1e-4, equal_nan=True
+    )
     assert torch.isfinite(naive).any() and torch.isnan(naive).any()  # scored tokens and the masked-out ones
 
 

@@ -41,8 +41,11 @@ def test_flat_folder_with_masks_next_to_images(tmp_path):
 def test_case_folders(tmp_path):
     _touch(
         tmp_path,
-        "sub-01/sub-01_flair.nii.gz", "sub-01/sub-01_brainmask.nii.gz", "sub-01/sub-01_t1.nii.gz",
-        "sub-02/sub-02_flair.nii.gz", "sub-02/sub-02_brainmask.nii.gz",
+        "sub-01/sub-01_flair.nii.gz",
+        "sub-01/sub-01_brainmask.nii.gz",
+        "sub-01/sub-01_t1.nii.gz",
+        "sub-02/sub-02_flair.nii.gz",
+        "sub-02/sub-02_brainmask.nii.gz",
         "sub-03/sub-04_flair.nii.gz",  # folder and file disagree: not a subject of this pattern
     )
     subjects, problems = find_subjects(tmp_path, "{id}/{id}_flair.nii.gz", "{id}/{id}_brainmask.nii.gz")
@@ -92,8 +95,14 @@ def test_dicom_folders(tmp_path):
 
 
 def test_missing_mask_is_reported_and_others_remain(tmp_path):
-    _touch(tmp_path, "a/a_flair.nii.gz", "a/a_brainmask.nii.gz", "b/b_flair.nii.gz", "c/c_flair.nii.gz",
-           "c/c_brainmask.nii.gz")
+    _touch(
+        tmp_path,
+        "a/a_flair.nii.gz",
+        "a/a_brainmask.nii.gz",
+        "b/b_flair.nii.gz",
+        "c/c_flair.nii.gz",
+        "c/c_brainmask.nii.gz",
+    )
     subjects, problems = find_subjects(tmp_path, "{id}/{id}_flair.nii.gz", "{id}/{id}_brainmask.nii.gz")
     assert _ids(subjects) == ["a", "c"]
     assert len(problems) == 1
@@ -144,7 +153,14 @@ def test_bad_arguments(tmp_path):
 
 def test_alternative_image_patterns_mix_files_and_dicom_folders(tmp_path):
     """A cohort of NRRD case folders and a DICOM series folder: the first pattern that finds a subject wins."""
-    _touch(tmp_path, "lung1/image.nrrd", "lung1/label.nrrd", "lung2/image.nrrd", "thorax/slice000.dcm", "thorax/slice001.dcm")
+    _touch(
+        tmp_path,
+        "lung1/image.nrrd",
+        "lung1/label.nrrd",
+        "lung2/image.nrrd",
+        "thorax/slice000.dcm",
+        "thorax/slice001.dcm",
+    )
     subjects, problems = find_subjects(tmp_path, ["{id}/image.nrrd", "{id}"])
     assert problems == []
     assert subjects == [
@@ -182,8 +198,10 @@ def test_optional_masks_keep_subjects_without_one(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     subjects, problems = find_subjects(tmp_path, "{id}.nii.gz", "{id}_mask.nii.gz", require_mask=False)
     assert problems == []
-    assert subjects == [{"subject": "a", "image": str(tmp_path / "a.nii.gz"), "mask": str(tmp_path / "a_mask.nii.gz")},
-                        {"subject": "b", "image": str(tmp_path / "b.nii.gz")}]
+    assert subjects == [
+        {"subject": "a", "image": str(tmp_path / "a.nii.gz"), "mask": str(tmp_path / "a_mask.nii.gz")},
+        {"subject": "b", "image": str(tmp_path / "b.nii.gz")},
+    ]
     _, problems = find_subjects(tmp_path, "{id}.nii.gz", "{id}_mask.nii.gz")
     assert len(problems) == 1 and "b.nii.gz" in problems[0]
 
@@ -199,7 +217,9 @@ def test_mslub_preset_gives_brats_references_their_brain_masks():
     import json
 
     preset = json.loads(MSLUB_PRESET.read_text())
-    subjects, problems = find_subjects(SHARED_DATA, preset["image_pattern"], preset["mask_pattern"], preset["require_mask"])
+    subjects, problems = find_subjects(
+        SHARED_DATA, preset["image_pattern"], preset["mask_pattern"], preset["require_mask"]
+    )
     assert problems == []
     with_mask = {s["subject"] for s in subjects if "mask" in s}
     assert with_mask == {s["subject"] for s in subjects if s["subject"].startswith("brats")} and len(with_mask) == 4

@@ -9,10 +9,9 @@ import os
 import pytest
 import torch
 
+from helpers import PHANTOM, TINY_VIT_SETTINGS, run_bundle
 from scripts.command_line import EXIT_USER_ERROR, SettingsError, check_overrides, command_line_overrides, user_message
 from scripts.phantoms import make_phantom_cohort
-
-from helpers import PHANTOM, TINY_VIT_SETTINGS, run_bundle
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +27,10 @@ MISTAKES = [
     ({"overwrite": "flase"}, "--overwrite must be true or false, got 'flase'"),
     ({"dataset_dir": "/no/such/folder"}, "dataset_dir '/no/such/folder' is not a folder"),
     ({"image_pattern": "{id}/{id}_t1.nii.gz"}, "0 subject(s) found in"),
-    ({"weights_path": "/no/such/weights.pth", "backbone": "dinov2_vits14"}, "weights_path '/no/such/weights.pth' for backbone"),
+    (
+        {"weights_path": "/no/such/weights.pth", "backbone": "dinov2_vits14"},
+        "weights_path '/no/such/weights.pth' for backbone",
+    ),
 ]
 if not torch.cuda.is_available():
     MISTAKES.append(({"device": "cuda"}, "--device cuda: no CUDA GPU is available on this machine; use --device cpu"))
@@ -51,8 +53,14 @@ def test_fewer_than_three_subjects_are_refused_before_encoding(cohort, tmp_path)
     data.mkdir()
     for sid in ("sub-01", "sub-02"):
         os.symlink(cohort / sid, data / sid)
-    result = run_bundle(tmp_path, dataset_dir=data, output_dir=tmp_path / "out", cache_dir=tmp_path / "cache",
-                        **PHANTOM, **TINY_VIT_SETTINGS)
+    result = run_bundle(
+        tmp_path,
+        dataset_dir=data,
+        output_dir=tmp_path / "out",
+        cache_dir=tmp_path / "cache",
+        **PHANTOM,
+        **TINY_VIT_SETTINGS,
+    )
     assert result.returncode == EXIT_USER_ERROR
     assert "cs3f: error: 2 subject(s) found in" in result.stderr and "needs at least 3" in result.stderr
     assert "encoding" not in result.stderr and not (tmp_path / "cache").exists()
@@ -63,7 +71,7 @@ def test_a_good_run_ends_with_a_summary_and_draws_no_progress_bars(cohort, tmp_p
     result = run_bundle(tmp_path, dataset_dir=cohort, output_dir=out, progress="false", **PHANTOM, **TINY_VIT_SETTINGS)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "it/s]" not in result.stderr and "%|" not in result.stderr
-    summary = result.stdout[result.stdout.index("CS3F: "):]
+    summary = result.stdout[result.stdout.index("CS3F: ") :]
     assert "4 subject(s) scored, 0 skipped" in summary and f"results in {out}" in summary
     assert "backbone: random" in summary and "threshold" in summary and "most anomalous" in summary
     assert sum(line.startswith("    sub-0") for line in summary.splitlines()) == 4

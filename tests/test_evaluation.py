@@ -7,17 +7,27 @@ import json
 import subprocess
 import sys
 
-
-from scripts.phantoms import make_phantom_cohort
 from helpers import INFERENCE, PHANTOM, ROOT, TINY_VIT_SETTINGS
+from scripts.phantoms import make_phantom_cohort
 
 
 def test_evaluate_workflow_end_to_end(tmp_path):
     make_phantom_cohort(tmp_path / "c", n_subjects=4, shape=(40, 48, 40), spacing=3.5, n_lesion_free=1, seed=3)
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
-            repr([str(INFERENCE), str(ROOT / "bundle" / "configs" / "evaluate.json")]),
-            "--dataset_dir", str(tmp_path / "c"), "--output_dir", str(out), "--progress", "false"]
+    args = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        repr([str(INFERENCE), str(ROOT / "bundle" / "configs" / "evaluate.json")]),
+        "--dataset_dir",
+        str(tmp_path / "c"),
+        "--output_dir",
+        str(out),
+        "--progress",
+        "false",
+    ]
     for key, value in {**PHANTOM, **TINY_VIT_SETTINGS, "label_pattern": "{id}/{id}_lesion.nii.gz"}.items():
         args += [f"--{key}", repr(value) if isinstance(value, dict) else str(value)]
     result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -48,11 +48,13 @@ def test_fine_scores_match_brute_force(axis, matching):
     coarse_valid = torch.rand(n, *coarse, generator=g) > 0.15
     fine = torch.randn(n, c, *fine_grid, generator=g)
     fine_valid = torch.rand(n, *fine_grid, generator=g) > 0.2
-    scores, chosen, matched = mutual_scores(coarse_tokens, coarse_valid, alpha=0.5, matching=matching, radius=1,
-                                            return_selection=True)
+    scores, chosen, matched = mutual_scores(
+        coarse_tokens, coarse_valid, alpha=0.5, matching=matching, radius=1, return_selection=True
+    )
     for i in range(n):
-        got = fine_scores(fine[i], fine_valid[i], fine, fine_valid, chosen[i], matched[i], axis, margin=1,
-                          budget_bytes=2000)
+        got = fine_scores(
+            fine[i], fine_valid[i], fine, fine_valid, chosen[i], matched[i], axis, margin=1, budget_bytes=2000
+        )
         want = brute_force_fine(fine[i], fine_valid[i], fine, fine_valid, chosen[i], matched[i], axis, 1)
         torch.testing.assert_close(got, want, equal_nan=True)
 
@@ -69,7 +71,10 @@ def test_selection_points_at_the_closest_subjects(matching):
     for i in range(6):
         for t in range(27):
             pos = torch.unravel_index(torch.tensor(t), (3, 3, 3))
-            d = [float((flat[i, :, t] - flat[j, :, matched[(i, s, *pos)]]).norm()) for s, j in enumerate(chosen[(i, slice(None), *pos)].tolist())]
+            d = [
+                float((flat[i, :, t] - flat[j, :, matched[(i, s, *pos)]]).norm())
+                for s, j in enumerate(chosen[(i, slice(None), *pos)].tolist())
+            ]
             assert sum(d) / 2 == pytest.approx(float(scores[(i, *pos)]), rel=1e-5)
             if matching == "window":  # the match lies within one grid position
                 where = torch.stack(torch.unravel_index(matched[(i, slice(None), *pos)], (3, 3, 3)), -1)
@@ -78,6 +83,7 @@ def test_selection_points_at_the_closest_subjects(matching):
 
 def test_fine_tokens_find_a_lesion_too_small_for_coarse_tokens():
     """A 2-slice-thin bright lesion is diluted 7x in 14-slice coarse tokens; coarse-to-fine must rank it higher."""
+    import torch.nn.functional as F
     from sklearn.metrics import roc_auc_score
 
     from scripts.backbones import create_backbone
@@ -85,10 +91,9 @@ def test_fine_tokens_find_a_lesion_too_small_for_coarse_tokens():
     from scripts.postprocessing import upsample_scores
     from scripts.tokenizer import MultiAxisTokenizer
 
-    import torch.nn.functional as F
-
     g = torch.Generator().manual_seed(0)
     size, n = 56, 6
+
     # smooth between-subject variation of +-0.15: larger than the lesion's 7x-diluted coarse contrast (0.086)
     def anatomy() -> torch.Tensor:
         field = F.interpolate(torch.rand(1, 1, 4, 4, 4, generator=g), size=(size,) * 3, mode="trilinear")[0]

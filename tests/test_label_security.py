@@ -17,9 +17,9 @@ import pytest
 
 requests = pytest.importorskip("requests")
 pytest.importorskip("monailabel", reason="monailabel is not installed (pip install -r requirements.txt)")
-from scripts.phantoms import make_phantom_cohort  # noqa: E402
-
 from label_server import REQUEST_TIMEOUT_S, TINY_VIT, Server, multipart  # noqa: E402
+
+from scripts.phantoms import make_phantom_cohort  # noqa: E402
 
 STUDIES = ["sub-01", "sub-02", "sub-03", "sub-04"]
 
@@ -27,7 +27,9 @@ STUDIES = ["sub-01", "sub-02", "sub-03", "sub-04"]
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("label_security")
-    records = make_phantom_cohort(root / "phantoms", n_subjects=5, shape=(40, 48, 40), spacing=3.5, n_lesion_free=1, seed=3)
+    records = make_phantom_cohort(
+        root / "phantoms", n_subjects=5, shape=(40, 48, 40), spacing=3.5, n_lesion_free=1, seed=3
+    )
     studies = root / "studies"
     studies.mkdir()
     for rec in records[:4]:
@@ -37,8 +39,12 @@ def cohort(tmp_path_factory) -> dict:
 
 
 def start(cohort, name: str, conf: dict[str, str] | None = None, env: dict[str, str] | None = None) -> Server:
-    srv = Server(cohort["studies"], {**TINY_VIT, "cache_dir": "none", **(conf or {})}, cohort["root"] / f"{name}.log",
-                 env={"TMPDIR": str(cohort["tmp"]), **(env or {})})
+    srv = Server(
+        cohort["studies"],
+        {**TINY_VIT, "cache_dir": "none", **(conf or {})},
+        cohort["root"] / f"{name}.log",
+        env={"TMPDIR": str(cohort["tmp"]), **(env or {})},
+    )
     srv.wait_ready()
     return srv
 
@@ -53,8 +59,11 @@ def server(cohort):
 def outside_files(cohort) -> set[str]:
     """Everything in the test's folder outside the studies folder and the server's own temporaries."""
     root = cohort["root"]
-    return {str(p.relative_to(root)) for p in root.rglob("*")
-            if cohort["studies"] not in p.parents and p != cohort["studies"] and cohort["tmp"] not in p.parents}
+    return {
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if cohort["studies"] not in p.parents and p != cohort["studies"] and cohort["tmp"] not in p.parents
+    }
 
 
 def test_no_file_is_written_or_deleted_outside_the_studies_folder(server, cohort, tmp_path):
@@ -62,13 +71,21 @@ def test_no_file_is_written_or_deleted_outside_the_studies_folder(server, cohort
     payload = tmp_path / "payload"
     payload.write_bytes(b"x")
     url = server.url
-    put = requests.put(f"{url}/datastore/image", params={"image": "../written_outside"},
-                       files={"file": ("noext", payload.read_bytes())}, timeout=30)
+    put = requests.put(
+        f"{url}/datastore/image",
+        params={"image": "../written_outside"},
+        files={"file": ("noext", payload.read_bytes())},
+        timeout=30,
+    )
     assert put.status_code == 403 and "datastore_write" in put.json()["detail"]
     delete = requests.delete(f"{url}/datastore/image", params={"id": "../server.log"}, timeout=30)
     assert delete.status_code == 403
-    label = requests.put(f"{url}/datastore/label", params={"image": "sub-01", "tag": "../../label_outside"},
-                         files={"label": ("l.nii.gz", payload.read_bytes())}, timeout=30)
+    label = requests.put(
+        f"{url}/datastore/label",
+        params={"image": "sub-01", "tag": "../../label_outside"},
+        files={"label": ("l.nii.gz", payload.read_bytes())},
+        timeout=30,
+    )
     assert label.status_code == 403
     saved = server.infer("sub-01", {"save_label": True, "label_tag": "../.."})
     assert saved.status_code == 400 and "label_tag must be a plain name" in saved.json()["detail"]
@@ -81,15 +98,24 @@ def test_datastore_writes_when_asked_for_still_stay_inside(cohort, tmp_path):
     srv = start(cohort, "writable", {"datastore_write": "true"})
     try:
         image = Path(cohort["outside"]).read_bytes()
-        bad = requests.put(f"{srv.url}/datastore/image", params={"image": "../written_outside"},
-                           files={"file": ("a.nii.gz", image)}, timeout=30)
+        bad = requests.put(
+            f"{srv.url}/datastore/image",
+            params={"image": "../written_outside"},
+            files={"file": ("a.nii.gz", image)},
+            timeout=30,
+        )
         assert bad.status_code == 400 and "plain name" in bad.json()["detail"]
-        good = requests.put(f"{srv.url}/datastore/image", params={"image": "sub-09"}, files={"file": ("a.nii.gz", image)},
-                            timeout=30)
+        good = requests.put(
+            f"{srv.url}/datastore/image", params={"image": "sub-09"}, files={"file": ("a.nii.gz", image)}, timeout=30
+        )
         assert good.status_code == 200, good.text[:500]
         assert "sub-09" in requests.get(f"{srv.url}/datastore/", params={"output": "all"}, timeout=30).json()["objects"]
-        tag = requests.put(f"{srv.url}/datastore/label", params={"image": "sub-09", "tag": "../../x"},
-                           files={"label": ("l.nii.gz", image)}, timeout=30)
+        tag = requests.put(
+            f"{srv.url}/datastore/label",
+            params={"image": "sub-09", "tag": "../../x"},
+            files={"label": ("l.nii.gz", image)},
+            timeout=30,
+        )
         assert tag.status_code == 400
         assert requests.delete(f"{srv.url}/datastore/image", params={"id": "sub-09"}, timeout=30).status_code == 200
     finally:
@@ -104,13 +130,20 @@ def test_infer_takes_datastore_ids_or_an_upload_never_a_path(server, cohort):
         assert "image must be a plain name" in answer.json()["detail"]
     via_params = server.infer("sub-01", {"image": cohort["outside"]})
     assert via_params.status_code == 400 and "params may not set ['image']" in via_params.json()["detail"]
-    upload = requests.post(f"{server.url}/infer/anomaly", params={"output": "json"},
-                           files={"file": ("study.nii.gz", Path(cohort["outside"]).read_bytes()), "params": (None, "{}")},
-                           timeout=REQUEST_TIMEOUT_S)
+    upload = requests.post(
+        f"{server.url}/infer/anomaly",
+        params={"output": "json"},
+        files={"file": ("study.nii.gz", Path(cohort["outside"]).read_bytes()), "params": (None, "{}")},
+        timeout=REQUEST_TIMEOUT_S,
+    )
     assert upload.status_code == 200, upload.text[:1000]
     assert upload.json()["subject"] == "upload" and sorted(upload.json()["references"]) == STUDIES
-    broken = requests.post(f"{server.url}/infer/anomaly", params={"output": "json"},
-                           files={"file": ("study.nii.gz", b"not an image"), "params": (None, "{}")}, timeout=REQUEST_TIMEOUT_S)
+    broken = requests.post(
+        f"{server.url}/infer/anomaly",
+        params={"output": "json"},
+        files={"file": ("study.nii.gz", b"not an image"), "params": (None, "{}")},
+        timeout=REQUEST_TIMEOUT_S,
+    )
     assert broken.status_code == 422, broken.text[:500]  # unreadable upload: a client error, and its folder goes too
     for _ in range(50):  # the upload is removed by a background task once the answer is sent
         if not [p for p in cohort["tmp"].rglob("*") if "upload" in p.name]:
@@ -121,8 +154,13 @@ def test_infer_takes_datastore_ids_or_an_upload_never_a_path(server, cohort):
 
 def test_bad_requests_are_client_errors_with_a_message(server, cohort):
     url = f"{server.url}/infer/anomaly"
-    for params, expected in [("{not json", "not valid JSON"), ("[1, 2]", "JSON object, got list"), ('"text"', "got str"),
-                             ("null", "got NoneType"), ("[" * 100000 + "]" * 100000, "")]:
+    for params, expected in [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "JSON object, got list"),
+        ('"text"', "got str"),
+        ("null", "got NoneType"),
+        ("[" * 100000 + "]" * 100000, ""),
+    ]:
         answer = requests.post(url, params={"image": "sub-01"}, files={"params": (None, params)}, timeout=60)
         assert answer.status_code == 400 and expected in answer.json()["detail"], (params[:20], answer.text[:300])
     missing = requests.post(url, files={"params": (None, "{}")}, timeout=30)
@@ -133,8 +171,14 @@ def test_bad_requests_are_client_errors_with_a_message(server, cohort):
     dtype = server.infer("sub-01", {"result_dtype": "object"})
     assert dtype.status_code == 400 and "result_dtype must be one of" in dtype.json()["detail"]
     assert set(cohort["tmp"].rglob("*")) == leftovers  # no empty result file left behind
-    for method, path in [("POST", "/train/anomaly"), ("GET", "/train/"), ("GET", "/logs/"), ("POST", "/session/"),
-                         ("GET", "/model/anomaly"), ("POST", "/reload")]:
+    for method, path in [
+        ("POST", "/train/anomaly"),
+        ("GET", "/train/"),
+        ("GET", "/logs/"),
+        ("POST", "/session/"),
+        ("GET", "/model/anomaly"),
+        ("POST", "/reload"),
+    ]:
         answer = requests.request(method, f"{server.url}{path}", timeout=30)
         assert answer.status_code == 403 and "not available on the CS3F server" in answer.json()["detail"], path
         assert "site-packages" not in answer.text and "Traceback" not in answer.text
@@ -148,8 +192,9 @@ def test_host_header_and_origins_are_checked(server):
     page = {"Origin": "http://attacker.example"}
     answer = requests.get(f"{server.url}/info/", headers=page, timeout=30)
     assert "access-control-allow-origin" not in {k.lower() for k in answer.headers}
-    preflight = requests.options(f"{server.url}/infer/anomaly", timeout=30,
-                                 headers={**page, "Access-Control-Request-Method": "POST"})
+    preflight = requests.options(
+        f"{server.url}/infer/anomaly", timeout=30, headers={**page, "Access-Control-Request-Method": "POST"}
+    )
     assert "access-control-allow-origin" not in {k.lower() for k in preflight.headers}
 
 
@@ -211,7 +256,10 @@ def test_monai_label_authentication_guards_every_route(cohort):
     Realm.public_key = base64.b64encode(der).decode()
     realm = ThreadingHTTPServer(("127.0.0.1", 0), Realm)
     threading.Thread(target=realm.serve_forever, daemon=True).start()
-    env = {"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": f"http://127.0.0.1:{realm.server_port}/realms/cs3f"}
+    env = {
+        "MONAI_LABEL_AUTH_ENABLE": "true",
+        "MONAI_LABEL_AUTH_REALM_URI": f"http://127.0.0.1:{realm.server_port}/realms/cs3f",
+    }
     srv = Server(cohort["studies"], {**TINY_VIT, "cache_dir": "none"}, cohort["root"] / "auth.log", env=env)
     try:
         for _ in range(240):
@@ -226,15 +274,25 @@ def test_monai_label_authentication_guards_every_route(cohort):
 
         assert requests.get(f"{srv.url}/info/", timeout=30).status_code == 401
         assert requests.get(f"{srv.url}/info/", headers=token(["monailabel-user"]), timeout=30).status_code == 200
-        forged = requests.get(f"{srv.url}/info/", timeout=30, headers={
-            "Authorization": "Bearer " + jwt.encode({"realm_access": {"roles": ["monailabel-user"]}}, "guess", algorithm="HS256")})
+        forged = requests.get(
+            f"{srv.url}/info/",
+            timeout=30,
+            headers={
+                "Authorization": "Bearer "
+                + jwt.encode({"realm_access": {"roles": ["monailabel-user"]}}, "guess", algorithm="HS256")
+            },
+        )
         assert forged.status_code == 401
         url = f"{srv.url}/infer/anomaly"
         assert requests.post(url, params={"image": "sub-01"}, timeout=30).status_code == 401
         no_role = requests.post(url, params={"image": "sub-01"}, headers=token(["other"]), timeout=30)
         assert no_role.status_code == 403
-        allowed = requests.post(url, params={"image": "sub-01", "output": "all"}, headers=token(["monailabel-user"]),
-                                timeout=REQUEST_TIMEOUT_S)
+        allowed = requests.post(
+            url,
+            params={"image": "sub-01", "output": "all"},
+            headers=token(["monailabel-user"]),
+            timeout=REQUEST_TIMEOUT_S,
+        )
         multipart(allowed, cohort["root"], "auth.nii.gz")
     finally:
         srv.stop()

@@ -35,7 +35,7 @@ def test_voxel_metrics_match_sklearn(seed):
     assert out["average_precision"] == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
     pred = scores >= threshold
     expected_dice = 2 * np.sum(pred & labels) / (pred.sum() + labels.sum())
-    assert out["dice"] == pytest.approx(expected_dice, abs=1e-12)
+    assert out["dice"] == pytest.approx(expected_dice, abs=1e-6)  # MONAI's compute_dice sums in float32
     assert out["lesion_fraction"] == pytest.approx(labels.mean(), abs=1e-12)
     assert 0.5 < out["auroc"] < 1.0
 
@@ -92,8 +92,8 @@ def test_best_dice_is_the_best_over_all_thresholds():
     scores = rng.random(400) + truth * 0.4
     got, at = best_dice(scores, truth)
     brute = max(dice(scores >= t, truth) for t in np.unique(scores))
-    assert abs(got - brute) < 1e-12
-    assert abs(dice(scores >= at, truth) - got) < 1e-12
+    assert abs(got - brute) < 1e-6  # MONAI's compute_dice sums in float32
+    assert abs(dice(scores >= at, truth) - got) < 1e-6
     assert np.isnan(best_dice(scores, np.zeros(400, bool))[0])
 
 

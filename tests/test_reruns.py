@@ -10,17 +10,18 @@ import nibabel as nib
 import pytest
 import torch
 
+from helpers import PHANTOM, TINY_VIT_SETTINGS, run_in_process, tiny_vit, write_nifti
 from scripts.outputs import subject_files
 from scripts.phantoms import make_phantom_cohort
 from scripts.token_cache import TokenCache, token_fingerprint
-
-from helpers import PHANTOM, TINY_VIT_SETTINGS, run_in_process, tiny_vit, write_nifti
+from scripts.tokenizer import MultiAxisTokenizer
 
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory) -> list[dict]:
-    return make_phantom_cohort(tmp_path_factory.mktemp("cohort"), n_subjects=4, shape=(40, 48, 40), spacing=3.5,
-                               n_lesion_free=1, seed=3)
+    return make_phantom_cohort(
+        tmp_path_factory.mktemp("cohort"), n_subjects=4, shape=(40, 48, 40), spacing=3.5, n_lesion_free=1, seed=3
+    )
 
 
 def _link_cohort(records: list[dict], folder: Path) -> Path:
@@ -35,8 +36,15 @@ def _link_cohort(records: list[dict], folder: Path) -> Path:
 
 
 def _run(data: Path, out: Path, cache: Path, **overrides) -> dict:
-    run_in_process(dataset_dir=str(data), output_dir=str(out), cache_dir=str(cache), overwrite=True,
-                   **PHANTOM, **TINY_VIT_SETTINGS, **overrides)
+    run_in_process(
+        dataset_dir=str(data),
+        output_dir=str(out),
+        cache_dir=str(cache),
+        overwrite=True,
+        **PHANTOM,
+        **TINY_VIT_SETTINGS,
+        **overrides,
+    )
     return json.loads((out / "run.json").read_text())
 
 
@@ -109,33 +117,56 @@ def test_bundle_root_is_the_bundle_folder_wherever_the_run_starts(monkeypatch):
 
 
 def test_cache_key_follows_content_and_token_settings_only(tmp_path):
-    encoder = tiny_vit()
+    network = MultiAxisTokenizer(tiny_vit(), slice_depth=8, proj_dim=16)
     settings = {"grid_size": 32, "slice_depth": 8, "alpha": 0.3, "matching": "window"}
-    base = TokenCache(tmp_path, token_fingerprint(settings, encoder))
+    base = TokenCache(tmp_path, token_fingerprint(settings, network))
     subject = _subject(tmp_path / "a", 1.0)
     same_content = _subject(tmp_path / "b", 1.0)
     other_content = _subject(tmp_path / "c", 2.0)
     assert base.key(subject) == base.key(same_content)  # content, not file names
     assert base.key(subject) != base.key(other_content)
-    scoring_only = TokenCache(tmp_path, token_fingerprint({**settings, "alpha": 0.5, "matching": "global"}, encoder))
+    scoring_only = TokenCache(tmp_path, token_fingerprint({**settings, "alpha": 0.5, "matching": "global"}, network))
     assert scoring_only.key(subject) == base.key(subject)
-    token_shaping = TokenCache(tmp_path, token_fingerprint({**settings, "grid_size": 64}, encoder))
+    token_shaping = TokenCache(tmp_path, token_fingerprint({**settings, "grid_size": 64}, network))
     assert token_shaping.key(subject) != base.key(subject)
+    other_projection = TokenCache(
+        tmp_path, token_fingerprint(settings, MultiAxisTokenizer(tiny_vit(), slice_depth=8, proj_dim=12))
+    )
+    assert other_projection.key(subject) != base.key(subject)
+
+
+def test_no_fingerprint_before_the_weights_are_loaded(tmp_path):
+    """A pretrained backbone whose weights are not loaded yet cannot key the cache (its tokens would be a random
+    network's); the fingerprint is computed at the first look-up, after the encoder started and loaded them."""
+    from scripts.backbones import create_backbone
+
+    network = MultiAxisTokenizer(
+        create_backbone(
+            "dinov2_vits14", img_size=28, num_blocks=2, backbone_kwargs={"depth": 2, "embed_dim": 48, "num_heads": 2}
+        )
+    )
+    cache = TokenCache(tmp_path, lambda: token_fingerprint({}, network))  # lazy: building the cache is fine
+    with pytest.raises(RuntimeError, match="weights are not loaded"):
+        cache.key(_subject(tmp_path, 1.0))
 
 
 def test_cache_round_trip_and_damaged_entries(tmp_path):
     cache = TokenCache(tmp_path / "cache", {"grid_size": 32})
     subject = _subject(tmp_path, 1.0)
     entry = {"tokens": torch.randn(6, 2, 2, 2), "valid": torch.rand(2, 2, 2) > 0.5}
-    assert cache.load(subject) is None and cache.misses == 1
+    assert cache.load(subject) is None
     cache.save(subject, entry)
     loaded = cache.load(subject)
-    assert cache.hits == 1
     torch.testing.assert_close(loaded["tokens"], entry["tokens"], rtol=0, atol=0)
     assert torch.equal(loaded["valid"], entry["valid"])
     cache.path(subject).write_bytes(b"truncated")
-    assert cache.load(subject) is None and cache.misses == 2  # a damaged entry is a miss, not a failure
+    assert cache.load(subject) is None  # a damaged entry is a miss, not a failure
     assert TokenCache("", {}).load(subject) is None  # disabled
+    cache.save(subject, entry)
+    judged = TokenCache(
+        tmp_path / "cache", {"grid_size": 32}, validate=lambda e: "wrong" if e["tokens"].shape[0] != 5 else None
+    )
+    assert judged.load(subject) is None  # an entry the run cannot use is a miss too
 
 
 def test_inputs_are_hashed_once_per_file_version(tmp_path, monkeypatch):
@@ -147,7 +178,27 @@ def test_inputs_are_hashed_once_per_file_version(tmp_path, monkeypatch):
     cache = TokenCache(tmp_path / "cache", {})
     subject = _subject(tmp_path, 1.0)
     first = cache.key(subject)
-    cache.load(subject), cache.save(subject, {"tokens": torch.zeros(1)}), cache.input_digests(subject)
+    cache.load(subject)
+    cache.save(subject, {"tokens": torch.zeros(1)})
+    cache.input_digests(subject)
     assert hashed == [subject["image"]] and cache.key(subject) == first
     os.utime(subject["image"], ns=(0, 0))  # another version of the file (here: same content, new time)
     assert cache.key(subject) == first and len(hashed) == 2
+
+
+def test_preprocessing_workers_change_nothing_but_where_the_work_is_done(records, tmp_path):
+    """``num_workers`` processes preprocess while the network encodes: same tokens, same results, and a subject that
+    fails in a worker is reported like one that fails in the main process."""
+    data = _link_cohort(records[:3], tmp_path / "data")
+    (data / "broken").mkdir()
+    (data / "broken" / "broken_flair.nii.gz").write_bytes(b"not an image")
+    (data / "broken" / "broken_brainmask.nii.gz").write_bytes(b"not a mask")
+    reports = {
+        workers: _run(data, tmp_path / f"out{workers}", tmp_path / f"cache{workers}", num_workers=workers)
+        for workers in (0, 2)
+    }
+    assert reports[0]["threshold"] == reports[2]["threshold"]
+    assert [p.split(":")[0] for p in reports[0]["problems"]] == [p.split(":")[0] for p in reports[2]["problems"]] != []
+    for r in records[:3]:
+        a, b = (nib.load(subject_files(tmp_path / f"out{w}", r["subject"])["anomaly"]).get_fdata() for w in (0, 2))
+        assert (a == b).all()

@@ -209,13 +209,7 @@ def test_window_offsets():
 
 def test_mean_of_closest_edge_cases():
     inf, nan = math.inf, math.nan
-    d = torch.tensor(
-        [
-            [3.0, inf, inf, 1.0],
-            [1.0, inf, 2.0, 1.0],
-            [2.0, inf, inf, 7.0],
-        ]
-    )
+    d = torch.tensor([[3.0, inf, inf, 1.0], [1.0, inf, 2.0, 1.0], [2.0, inf, inf, 7.0]])
     out = mean_of_closest(d, 2)
     expected = torch.tensor([1.5, nan, 2.0, 1.0])  # col 2: only one finite value among the 2 smallest
     torch.testing.assert_close(out, expected, equal_nan=True)

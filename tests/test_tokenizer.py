@@ -175,11 +175,17 @@ def test_intensity_tokens_are_block_means():
                         c = u * 2 + w  # row-major cell within the slice plane
                         d0, h0, w0 = 14 * i, 14 * j, 14 * k
                         # axis 0: slices are (H, W) planes, pooled over 14 slices along D
-                        expected[0, c, i, j, k] = v[d0:d0 + 14, h0 + 7 * u:h0 + 7 * u + 7, w0 + 7 * w:w0 + 7 * w + 7].mean()
+                        expected[0, c, i, j, k] = v[
+                            d0 : d0 + 14, h0 + 7 * u : h0 + 7 * u + 7, w0 + 7 * w : w0 + 7 * w + 7
+                        ].mean()
                         # axis 1: slices are (D, W) planes, pooled along H
-                        expected[1, c, i, j, k] = v[d0 + 7 * u:d0 + 7 * u + 7, h0:h0 + 14, w0 + 7 * w:w0 + 7 * w + 7].mean()
+                        expected[1, c, i, j, k] = v[
+                            d0 + 7 * u : d0 + 7 * u + 7, h0 : h0 + 14, w0 + 7 * w : w0 + 7 * w + 7
+                        ].mean()
                         # axis 2: slices are (D, H) planes, pooled along W
-                        expected[2, c, i, j, k] = v[d0 + 7 * u:d0 + 7 * u + 7, h0 + 7 * w:h0 + 7 * w + 7, w0:w0 + 14].mean()
+                        expected[2, c, i, j, k] = v[
+                            d0 + 7 * u : d0 + 7 * u + 7, h0 + 7 * w : h0 + 7 * w + 7, w0 : w0 + 14
+                        ].mean()
     np.testing.assert_allclose(groups, expected, rtol=1e-5, atol=1e-6)
 
 

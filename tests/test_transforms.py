@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -15,7 +14,7 @@ from monai.transforms import Orientationd
 from scipy import ndimage
 
 from helpers import LPS_AFFINE, ellipsoid, write_nifti
-from scripts.postprocessing import ThresholdFromKeyd, upsample_scores
+from scripts.postprocessing import ThresholdFromKeyd, in_memory, upsample_scores
 from scripts.transforms import CohortInputError, EnsureMaskd, MaskedPercentileNormalized, ValidateVolumed
 
 CONFIG = Path(__file__).resolve().parents[1] / "bundle" / "configs" / "inference.json"
@@ -37,7 +36,7 @@ def _parser(**overrides) -> ConfigParser:
 @pytest.fixture(scope="module")
 def pipelines():
     parser = _parser(intensity_percentiles=[0.0, 100.0])  # no clipping: a planted spot stays the unique maximum
-    return parser.get_parsed_content("preprocessing"), parser.get_parsed_content("postprocessing")
+    return parser.get_parsed_content("preprocessing"), in_memory(parser.get_parsed_content("postprocessing"))
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +80,8 @@ def test_preprocessing_output(tmp_path, preprocessing):
         other = tuple(a for a in range(3) if a != axis)
         profile = inside.any(dim=other[1]).any(dim=other[0])
         assert profile[0] and profile[-1]
-    # original-space copies for the writer
-    assert data["original"].shape == (1, *SHAPE) and data["foreground"].shape == (1, *SHAPE)
+    # the original-space copy of the mask, for the writing pass
+    assert "original" not in data and data["foreground"].shape == (1, *SHAPE)
     np.testing.assert_array_equal(data["foreground"].as_tensor()[0].numpy() > 0, MASK)
 
 
@@ -179,9 +178,7 @@ def _bad_input_cases(tmp_path: Path) -> dict[str, tuple[dict[str, str], str, str
     return cases
 
 
-@pytest.mark.parametrize(
-    "case", ["flat2d", "series4d", "nan", "constant", "empty_mask", "mask_shape", "mask_affine"]
-)
+@pytest.mark.parametrize("case", ["flat2d", "series4d", "nan", "constant", "empty_mask", "mask_shape", "mask_affine"])
 def test_bad_inputs_name_the_file(tmp_path, preprocessing, case):
     subject, path, fragment = _bad_input_cases(tmp_path)[case]
     with pytest.raises(Exception) as info:
@@ -321,23 +318,39 @@ def test_mask_outside_and_threshold():
     assert flagged.tolist() == [[[[0, 0], [0, 1]]]]
 
 
-def test_writing_pass_skips_intensity_steps_and_writes_the_same_heat_map(tmp_path):
-    """``CohortRunner.write_subject`` runs the preprocessing only up to its last spatial step."""
-    parser = _parser(output_dir=str(tmp_path / "out"), backbone="intensity", progress=False, write_overview=False)
-    runner = parser.get_parsed_content("runner")
+def test_writing_pass_preprocesses_nothing_and_maps_back_as_the_full_preprocessing(tmp_path):
+    """The writing pass inverts from the geometry the encoding pass kept (also when it comes back from the token
+    cache): no subject is loaded or preprocessed twice, and the heat map equals the postprocessing of the fully
+    preprocessed subject."""
     subject = _write_subject(tmp_path, _image())
     scores = torch.rand(GRID // TOKEN, GRID // TOKEN, GRID // TOKEN, generator=torch.Generator().manual_seed(0))
-    normalizations = []
-    normalize = runner.preprocessing.transforms[-1]
-    assert type(normalize).__name__ == "MaskedPercentileNormalized"
-    runner.preprocessing.transforms = (*runner.preprocessing.transforms[:-1],
-                                       lambda d: normalizations.append(1) or normalize(d))
-    runner.write_subject(subject, scores, threshold=0.5)
-    assert normalizations == [], "the writing pass normalised intensities it never uses"
-
-    full = runner.preprocessing(dict(subject))
-    assert normalizations == [1]
+    maps = []
+    for run in ("encoded", "cached"):
+        parser = _parser(
+            dataset_dir=str(tmp_path),
+            output_dir=str(tmp_path / "out"),
+            cache_dir=str(tmp_path / "cache"),
+            backbone="intensity",
+            progress=False,
+            write_overview=False,
+        )
+        parser["backbone_kwargs"] = {"patch_size": TOKEN, "reduce": 2}
+        parser["slice_depth"] = TOKEN
+        evaluator = parser.get_parsed_content("evaluator")
+        dataset = evaluator.encoder.data_loader.dataset
+        preprocessing, calls = dataset.transform, []
+        dataset.transform = lambda d, calls=calls, preprocessing=preprocessing: calls.append(1) or preprocessing(d)
+        [encoded] = evaluator.encoder.encode([subject])
+        assert encoded.from_cache == (run == "cached") and calls == ([1] if run == "encoded" else [])
+        maps.append(evaluator.heat_maps(encoded, scores, threshold=0.5))
+        assert len(calls) <= 1, "the writing pass preprocessed the subject again"
+    full = preprocessing(dict(subject))
     full.update(anomaly=scores[None], threshold=0.5)
-    expected = runner.postprocessing(full)["anomaly"].as_tensor()[0].numpy()
-    written = np.asarray(nib.load(tmp_path / "out" / "s_anomaly.nii.gz").dataobj)
-    np.testing.assert_array_equal(written, expected)
+    expected = in_memory(evaluator.postprocessing)(full)  # to the input's space, masked, thresholded
+    for got in maps:
+        np.testing.assert_array_equal(got["anomaly"].as_tensor().numpy(), expected["anomaly"].as_tensor().numpy())
+        np.testing.assert_array_equal(
+            got["anomaly_mask"].as_tensor().numpy(), expected["anomaly_mask"].as_tensor().numpy()
+        )
+        np.testing.assert_allclose(got["anomaly"].affine, expected["anomaly"].affine)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.nii.gz"))  # heat_maps writes nothing

@@ -12,16 +12,8 @@ import os
 import sys
 from typing import Any, Dict
 
-import lib.configs  # noqa: F401  (imported while MONAI Label has the app folder on sys.path)
-import lib.configs.cs3f  # noqa: F401
-import lib.engine  # noqa: F401
-import lib.infers  # noqa: F401
-from fastapi import HTTPException
-from lib import http_policy
-from lib.engine import CS3FError
-from lib.infers.anomaly import IMAGE_ID_KEY, UPLOAD_KEY, CS3FBatchInfer
-
 import monailabel
+from fastapi import HTTPException
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
@@ -29,6 +21,14 @@ from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.utils.others.class_utils import get_class_names
+
+import lib.configs  # noqa: F401  (imported while MONAI Label has the app folder on sys.path)
+import lib.configs.cs3f  # noqa: F401
+import lib.engine  # noqa: F401
+import lib.infers  # noqa: F401
+from lib import http_policy
+from lib.engine import CS3FError
+from lib.infers.anomaly import IMAGE_ID_KEY, UPLOAD_KEY, CS3FBatchInfer
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +65,13 @@ class CS3FApp(MONAILabelApp):
         infers: Dict[str, InferTask] = {}
         for name, config in self.task_configs.items():
             config.init(
-                name, self.model_dir, self.conf, None,
-                app_dir=self.app_dir, studies=self.studies_arg, datastore=self.datastore,
+                name,
+                self.model_dir,
+                self.conf,
+                None,
+                app_dir=self.app_dir,
+                studies=self.studies_arg,
+                datastore=self.datastore,
                 local_datastore=not remote and not settings.MONAI_LABEL_DATASTORE_READ_ONLY,
             )
             tasks = config.infer()
@@ -98,7 +103,9 @@ class CS3FApp(MONAILabelApp):
         model = request.get("model")
         image = request.get("image")
         if model not in self._infers:
-            raise HTTPException(status_code=404, detail=f"unknown model {model!r}; this server has: {', '.join(sorted(self._infers))}")
+            raise HTTPException(
+                status_code=404, detail=f"unknown model {model!r}; this server has: {', '.join(sorted(self._infers))}"
+            )
         tag = request.get("label_tag")
         tag_problem = http_policy.plain_name_problem(tag, "label_tag") if tag is not None else None
         if tag_problem:

@@ -1,25 +1,24 @@
 """Frozen 2D slice encoders, built by name.
 
 Like timm, the model code and the weight source are separate concerns: ``create_backbone`` builds the
-architecture and loads the checkpoint that ``weights.find_weights`` found (and identified by its SHA-256).
-Every encoder maps slices ``(S, 1, H, W)`` with intensities in [0, 1] to a list of feature maps
-``(S, E_i, H / patch, W / patch)`` on one token grid, one per selected block (ViT) or stage (CNN).
+architecture only (randomly initialised), and the checkpoint that ``weights.find_weights`` finds is loaded
+when the bundle's encoding engine starts (``weights.PretrainedWeightsLoader``, the bundle's counterpart of MONAI's
+``CheckpointLoader``), through the encoder's own ``load_checkpoint``. Every encoder maps slices
+``(S, 1, H, W)`` with intensities in [0, 1] to a list of feature maps ``(S, E_i, H / patch, W / patch)`` on
+one token grid, one per selected block (ViT) or stage (CNN).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .values import as_bool
-from .weights import Weights, WeightsNotFoundError, find_weights, load_state_dict
+from .weights import SOURCES, Weights, load_state_dict
 
 __all__ = [
     "BACKBONES",
@@ -32,10 +31,11 @@ __all__ = [
     "create_backbone",
     "load_vit_weights",
     "load_cnn_weights",
+    "needs_weights",
+    "pretrained_backbone",
     "evenly_spaced_blocks",
 ]
 
-logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -77,6 +77,15 @@ class SliceEncoder(nn.Module):
     def pretrained(self) -> bool:
         """Whether the weights are a recorded pretrained checkpoint (identified by SHA-256), not just any file."""
         return self.weights is not None and self.weights.verified
+
+    @property
+    def ready(self) -> bool:
+        """Whether the encoder may encode: it needs no weights, or its weights have been loaded."""
+        return self.weights is not None or not needs_weights(self.name)
+
+    def load_checkpoint(self, weights: Weights) -> SliceEncoder:
+        """Load ``weights`` (a checkpoint file found by ``weights.find_weights``) into the network, strictly."""
+        raise ValueError(f"backbone {self.name!r} takes no pretrained weights")
 
     def freeze(self) -> SliceEncoder:
         for p in self.parameters():
@@ -125,10 +134,16 @@ class ViTSliceEncoder(RGBSliceEncoder):
         self.weights = weights
         self.freeze()
 
+    def load_checkpoint(self, weights: Weights) -> ViTSliceEncoder:
+        load_vit_weights(self.model, weights.path)
+        self.weights = weights
+        return self.freeze()
+
     def forward(self, slices: torch.Tensor) -> list[torch.Tensor]:
         # blocks after the last one used are never run
-        return self.model.forward_intermediates(self.network_input(slices), indices=self.blocks, output_fmt="NCHW",
-                                                intermediates_only=True, stop_early=True)
+        return self.model.forward_intermediates(
+            self.network_input(slices), indices=self.blocks, output_fmt="NCHW", intermediates_only=True, stop_early=True
+        )
 
 
 class CNNSliceEncoder(RGBSliceEncoder):
@@ -140,11 +155,21 @@ class CNNSliceEncoder(RGBSliceEncoder):
     whichever backbone made it.
     """
 
-    def __init__(self, model: nn.Module, name: str, mean: Sequence[float], std: Sequence[float], patch_size: int = 14,
-                 grid_stride: int = 16, weights: Weights | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        name: str,
+        mean: Sequence[float],
+        std: Sequence[float],
+        patch_size: int = 14,
+        grid_stride: int = 16,
+        weights: Weights | None = None,
+        arch: str = "",
+    ) -> None:
         super().__init__(mean, std)
         self.model = model
         self.name = name
+        self.arch = arch
         self.patch_size = patch_size
         self.grid_stride = grid_stride
         self.num_outputs = len(model.feature_info.channels())
@@ -153,12 +178,30 @@ class CNNSliceEncoder(RGBSliceEncoder):
         self.weights = weights
         self.freeze()
 
+    def load_checkpoint(self, weights: Weights) -> CNNSliceEncoder:
+        """The checkpoint is the whole classifier's: it is loaded strictly into the classifier, whose feature stages
+        are then copied into this encoder's feature extractor."""
+        import timm
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # the weights are replaced; a fixed seed keeps the global RNG untouched
+            full = load_cnn_weights(timm.create_model(self.arch, pretrained=False), weights.path).state_dict()
+        self.model.load_state_dict({k: full[k] for k in self.model.state_dict()}, strict=True)
+        self.weights = weights
+        return self.freeze()
+
     def forward(self, slices: torch.Tensor) -> list[torch.Tensor]:
         grid = (slices.shape[-2] // self.patch_size, slices.shape[-1] // self.patch_size)
         size = (grid[0] * self.grid_stride, grid[1] * self.grid_stride)
         x = F.interpolate(self.network_input(slices), size=size, mode="bilinear", align_corners=False)
-        return [F.adaptive_avg_pool2d(f, grid) if f.shape[-1] >= grid[1] else
-                F.interpolate(f, size=grid, mode="bilinear", align_corners=False) for f in self.model(x)]
+        return [
+            (
+                F.adaptive_avg_pool2d(f, grid)
+                if f.shape[-1] >= grid[1]
+                else F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
+            )
+            for f in self.model(x)
+        ]
 
 
 class IntensitySliceEncoder(SliceEncoder):
@@ -205,7 +248,9 @@ def load_vit_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise ValueError(f"{path}: checkpoint does not fit {type(model).__name__}: {err}") from err
     missing = [k for k in missing if not k.startswith("head")]
     if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"{path}: checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     return model
 
 
@@ -216,8 +261,10 @@ def load_cnn_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     own = model.state_dict()
     if set(state) != set(own):
         if len(state) != len(own) or any(a.shape != b.shape for a, b in zip(state.values(), own.values())):
-            raise ValueError(f"{path}: checkpoint does not fit {type(model).__name__}: {len(state)} tensors for "
-                             f"{len(own)}, or shapes differ in order")
+            raise ValueError(
+                f"{path}: checkpoint does not fit {type(model).__name__}: {len(state)} tensors for "
+                f"{len(own)}, or shapes differ in order"
+            )
         state = dict(zip(own, state.values()))
     try:
         model.load_state_dict(state, strict=True)
@@ -236,43 +283,41 @@ def _timm_vit(arch: str, img_size: int, seed: int, **kwargs) -> nn.Module:
         return timm.create_model(arch, pretrained=False, img_size=img_size, num_classes=0, **kwargs)
 
 
-def _timm_cnn(arch: str, stages: Sequence[int], path: str | os.PathLike) -> nn.Module:
-    """The feature ``stages`` of a timm CNN with the classifier checkpoint at ``path`` (loaded strictly)."""
+def _timm_cnn(arch: str, stages: Sequence[int]) -> nn.Module:
+    """The feature ``stages`` of a timm CNN, randomly initialised (its checkpoint is loaded by ``load_checkpoint``)."""
     import timm
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # the weights are replaced; a fixed seed keeps the global RNG untouched
-        full = load_cnn_weights(timm.create_model(arch, pretrained=False), path).state_dict()
-        features = timm.create_model(arch, pretrained=False, features_only=True, out_indices=tuple(stages))
-    features.load_state_dict({k: full[k] for k in features.state_dict()}, strict=True)
-    return features
+        torch.manual_seed(0)
+        return timm.create_model(arch, pretrained=False, features_only=True, out_indices=tuple(stages))
+
+
+def needs_weights(name: str) -> bool:
+    """Whether backbone ``name`` is a pretrained network that must not run without its checkpoint."""
+    return name in SOURCES
 
 
 def create_backbone(
     name: str,
     img_size: int,
     num_blocks: int | Sequence[int] = 4,
-    weights_path: str | os.PathLike | None = None,
-    models_dir: str | os.PathLike | None = None,
-    allow_download: bool = True,
     seed: int = 0,
-    fallback: str | None = None,
     backbone_kwargs: Mapping[str, Any] | None = None,
 ) -> SliceEncoder:
-    """Build the slice encoder called ``name``.
+    """Build the slice encoder called ``name``: the architecture only, no weights are looked for or loaded.
+
+    A pretrained backbone (``needs_weights``) is not ``ready`` until its checkpoint is loaded with
+    ``encoder.load_checkpoint`` (the bundle's ``weights.PretrainedWeightsLoader`` does it); the token encoder
+    refuses to run it before.
 
     Args:
-        name: ``dinov2_vits14`` | ``dinov2_vitb14`` | ``dinov2_vitl14`` (pretrained ViTs, weights required),
-            ``efficientnet_lite0`` (an ImageNet CNN, weights required), ``random`` (the ViT-S/14
-            architecture, randomly initialised with ``seed``: for testing the mechanics only, it is NOT a
-            feature extractor) or ``intensity`` (raw voxel patches).
+        name: ``dinov2_vits14`` | ``dinov2_vitb14`` | ``dinov2_vitl14`` (pretrained ViTs), ``efficientnet_lite0``
+            (an ImageNet CNN), ``random`` (the ViT-S/14 architecture, randomly initialised with ``seed``: for
+            testing the mechanics only, it is NOT a feature extractor) or ``intensity`` (raw voxel patches).
         img_size: side of the square slices, in pixels.
         num_blocks: ViTs: explicit block indices to take features from (the bundle's ``feature_blocks``), or how
             many evenly spaced blocks, ending at the last.
-        weights_path, models_dir, allow_download: where to look for weights, see ``weights.find_weights``.
         seed: initialisation seed of ``random``.
-        fallback: backbone to build instead when the weights of ``name`` cannot be found; the substitution is
-            logged as a warning and kept in ``encoder.warning``.
         backbone_kwargs: architecture overrides passed to timm (e.g. ``embed_dim``, ``depth``, ``num_heads``,
             ``patch_size`` for a tiny test ViT), ``stages`` (feature stages) for a CNN, or ``reduce`` and
             ``patch_size`` for ``intensity``.
@@ -282,32 +327,41 @@ def create_backbone(
         return IntensitySliceEncoder(**kwargs)
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
-    weights = None
-    if name != "random":
-        try:
-            weights = find_weights(name, weights_path, models_dir, as_bool(allow_download, "allow_download"))
-        except WeightsNotFoundError as err:
-            if not fallback:
-                raise
-            encoder = create_backbone(fallback, img_size, num_blocks, seed=seed)
-            encoder.warning = (
-                f"WARNING: pretrained weights for {name!r} were not found, so this run uses the {fallback!r} "
-                f"backbone instead. Its results are NOT those of {name}. {err}"
-            )
-            return encoder  # its warning is shown once, in the run's backbone banner (workflow.backbone_note)
-        (logger.info if weights.verified else logger.warning)("backbone %s: weights %s", name, weights.describe())
     if name in CNNS:
         import timm
 
         stages = kwargs.pop("stages", (2, 3, 4))
-        model = _timm_cnn(CNNS[name], stages, weights.path)
         cfg = timm.get_pretrained_cfg(CNNS[name])
-        return CNNSliceEncoder(model, name, mean=cfg.mean, std=cfg.std, weights=weights, **kwargs)
+        return CNNSliceEncoder(
+            _timm_cnn(CNNS[name], stages), name, mean=cfg.mean, std=cfg.std, arch=CNNS[name], **kwargs
+        )
     model = _timm_vit(kwargs.pop("arch", RANDOM_ARCH) if name == "random" else DINOV2[name], img_size, seed, **kwargs)
-    if weights is not None:
-        load_vit_weights(model, weights.path)
     depth = len(model.blocks)
     blocks = evenly_spaced_blocks(depth, num_blocks) if isinstance(num_blocks, int) else list(num_blocks)
     if not all(0 <= b < depth for b in blocks):
         raise ValueError(f"block indices {blocks} out of range for a ViT with {depth} blocks")
-    return ViTSliceEncoder(model, name=name, blocks=blocks, weights=weights)
+    return ViTSliceEncoder(model, name=name, blocks=blocks)
+
+
+def pretrained_backbone(
+    name: str,
+    img_size: int,
+    num_blocks: int | Sequence[int] = 4,
+    weights_path: str | os.PathLike | None = None,
+    models_dir: str | os.PathLike | None = None,
+    fallback: str | None = None,
+    seed: int = 0,
+    backbone_kwargs: Mapping[str, Any] | None = None,
+) -> SliceEncoder:
+    """``create_backbone`` with its weights found and loaded, the way the bundle does it (``available_backbone``,
+    then ``PretrainedWeightsLoader``): for scripts, notebooks and benchmarks that need a ready encoder.
+
+    With ``fallback``, a pretrained backbone whose weights are nowhere on this machine is replaced by ``fallback``
+    (built without ``backbone_kwargs``), and ``encoder.warning`` says why.
+    """
+    from .weights import PretrainedWeightsLoader, available_backbone
+
+    used = available_backbone(name, fallback, weights_path, models_dir)
+    encoder = create_backbone(used, img_size, num_blocks, seed, backbone_kwargs if used == name else None)
+    PretrainedWeightsLoader(encoder, name, weights_path, models_dir)()
+    return encoder

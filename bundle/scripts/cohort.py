@@ -40,11 +40,15 @@ def _id_regex(pattern: str) -> re.Pattern[str]:
 def match_pattern(dataset_dir: Path, pattern: str, subject: str | None = None) -> list[Path]:
     """Paths under ``dataset_dir`` matching ``pattern`` (``{id}`` replaced by ``subject``, or any id)."""
     glob = pattern.replace(_ID, globlib.escape(subject) if subject is not None else "*")
-    return sorted(p for p in dataset_dir.glob(glob) if not any(part.startswith(".") for part in p.relative_to(dataset_dir).parts))
+    return sorted(
+        p for p in dataset_dir.glob(glob) if not any(part.startswith(".") for part in p.relative_to(dataset_dir).parts)
+    )
 
 
 def find_subjects(
-    dataset_dir: str | Path, image_pattern: str | Sequence[str] = "{id}.nii.gz", mask_pattern: str | None = None,
+    dataset_dir: str | Path,
+    image_pattern: str | Sequence[str] = "{id}.nii.gz",
+    mask_pattern: str | None = None,
     require_mask: bool = True,
 ) -> tuple[list[dict[str, str]], list[str]]:
     """List the subjects of a cohort.
@@ -69,8 +73,10 @@ def find_subjects(
     if not patterns:
         raise ValueError("image_pattern is an empty list")
     if (mask_pattern or len(patterns) > 1) and any(_ID not in p for p in patterns):
-        raise ValueError(f"image_pattern {image_pattern!r} needs an {_ID} placeholder in every pattern so masks "
-                         "and alternative patterns can be matched to subjects")
+        raise ValueError(
+            f"image_pattern {image_pattern!r} needs an {_ID} placeholder in every pattern so masks "
+            "and alternative patterns can be matched to subjects"
+        )
     if mask_pattern and _ID not in mask_pattern:
         raise ValueError(f"mask_pattern {mask_pattern!r} needs an {_ID} placeholder")
     masks = set(match_pattern(root, mask_pattern)) if mask_pattern else set()

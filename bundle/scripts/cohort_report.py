@@ -27,8 +27,14 @@ td,th{border-bottom:1px solid #ccc;padding:6px 10px;text-align:left;vertical-ali
 
 
 def write_cohort_report(
-    path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], threshold: float, scale: float | None,
-    backbone: str, note: str, settings: Mapping[str, Any], problems: Sequence[str],
+    path: str | os.PathLike,
+    rows: Sequence[Mapping[str, Any]],
+    threshold: float,
+    scale: float | None,
+    backbone: str,
+    note: str,
+    settings: Mapping[str, Any],
+    problems: Sequence[str],
 ) -> Path:
     """Write the page; ``rows`` are the ``scores.csv`` rows, ``note`` the not-pretrained banner (or empty)."""
     path = Path(path)
@@ -49,15 +55,23 @@ def write_cohort_report(
         name = readable(row["subject"])
         figure = subject_files(path.parent, row["subject"])["overview"]
         link = quote(os.fsencode(figure.name))  # the file's own bytes, even when its name is not UTF-8
-        image = (f'<a href="{link}"><img src="{link}" width="560" alt="{e(name)}"></a>' if figure.is_file() else "(no figure)")
-        body.append(f"<tr><td>{rank}</td><td>{e(name)}<br><small>{e(readable(str(row['image'])))}</small></td>"
-                    f"<td>{row['subject_score']:.4g}</td><td>{row['lesion_volume_ml']:.2f}</td><td>{image}</td></tr>")
+        image = (
+            f'<a href="{link}"><img src="{link}" width="560" alt="{e(name)}"></a>'
+            if figure.is_file()
+            else "(no figure)"
+        )
+        body.append(
+            f"<tr><td>{rank}</td><td>{e(name)}<br><small>{e(readable(str(row['image'])))}</small></td>"
+            f"<td>{row['subject_score']:.4g}</td><td>{row['lesion_volume_ml']:.2f}</td><td>{image}</td></tr>"
+        )
     body.append("</table>")
     if problems:
         body += ["<h2>Skipped subjects</h2><ul>", *(f"<li>{e(readable(p))}</li>" for p in problems), "</ul>"]
     body += ["<h2>Settings</h2>", f"<pre>{e(json.dumps(dict(settings), indent=2, default=str))}</pre>"]
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>CS3F cohort report</title>"
-            f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n")
+    page = (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>CS3F cohort report</title>"
+        f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n"
+    )
     with atomic_path(path) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return path

@@ -23,7 +23,9 @@ __all__ = ["SettingsError", "EXIT_USER_ERROR", "start", "check_overrides", "user
 
 EXIT_USER_ERROR = 2
 # the options of monai.bundle's `run` itself: not config keys
-RUN_OPTIONS = frozenset({"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file"})
+RUN_OPTIONS = frozenset(
+    {"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file"}
+)
 SCRIPTS = Path(__file__).resolve().parent
 
 
@@ -32,11 +34,11 @@ class SettingsError(ValueError):
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
+    from .engines import CohortError
     from .outputs import OutputExistsError
     from .run_folder import OutputFolderError
     from .transforms import CohortInputError
     from .weights import WeightsNotFoundError
-    from .workflow import CohortError
 
     return SettingsError, CohortError, CohortInputError, OutputExistsError, OutputFolderError, WeightsNotFoundError
 
@@ -58,7 +60,10 @@ def user_message(err: BaseException) -> str | None:
     cause = innermost(err)
     ours = isinstance(cause, _user_error_types())
     # a ValueError or missing file raised by the bundle's own checks is a message to the user, too
-    raised_here = bool(cause.__traceback__) and Path(traceback.extract_tb(cause.__traceback__)[-1].filename).resolve().parent == SCRIPTS
+    raised_here = (
+        bool(cause.__traceback__)
+        and Path(traceback.extract_tb(cause.__traceback__)[-1].filename).resolve().parent == SCRIPTS
+    )
     if ours or (isinstance(cause, (ValueError, FileNotFoundError, NotADirectoryError)) and raised_here):
         return " ".join(str(cause).split()) or type(cause).__name__
     return None
@@ -106,7 +111,11 @@ def check_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> None:
         top = key.replace("::", "#").split("#")[0]
         if top not in known:
             close = difflib.get_close_matches(top, sorted(k for k in known if not k.startswith("_")), n=3, cutoff=0.6)
-            hint = f"; did you mean {' or '.join(f'--{c}' for c in close)}?" if close else "; see the keys of bundle/configs/inference.json"
+            hint = (
+                f"; did you mean {' or '.join(f'--{c}' for c in close)}?"
+                if close
+                else "; see the keys of bundle/configs/inference.json"
+            )
             raise SettingsError(f"unknown setting --{key}{hint}")
         if top != key or top in RUN_OPTIONS or (isinstance(value, str) and value.startswith(("$", "@", "%"))):
             continue

@@ -1,4 +1,9 @@
-"""The built-in demo: score a procedural phantom cohort and say how well the planted lesions were found."""
+"""The built-in demo: how well the planted lesions of a procedural phantom cohort were found, in words.
+
+The demo is the bundle's evaluation (``configs/evaluate.json``) of a phantom cohort (``phantoms.py``);
+``DemoReport`` turns the evaluation's numbers into ``demo_report.md`` for a first-time reader: what was planted
+and what was flagged, per subject, and what the subject-level AUROC means.
+"""
 
 from __future__ import annotations
 
@@ -9,92 +14,100 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
-from .metrics import dice, voxel_metrics
-from .outputs import atomic_path, subject_files
-from .reporting import banner
-from .workflow import RunReport, weights_line
+from .evaluation import GroundTruthEvaluation
+from .outputs import atomic_path
+from .run_report import banner, weights_line
 
-__all__ = ["evaluate_demo"]
+__all__ = ["DemoReport"]
 
 logger = logging.getLogger(__name__)
+SHOWN_SETTINGS = ("backbone", "grid_size", "feature_blocks", "matching", "window", "alpha", "tokenization", "device")
 
 
-def _load(path: str | Path) -> np.ndarray:
-    return np.asarray(nib.load(str(path)).dataobj)
-
-
-def evaluate_demo(
-    report: RunReport, cohort: Sequence[Mapping[str, Any]], output_dir: str, encoder: Any,
-    settings: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Compare the written heat maps with the planted lesions; print and write ``demo_report.md``.
+class DemoReport:
+    """Writes and prints ``demo_report.md`` when the cohort is complete; a handler listed after the evaluation.
 
     Args:
-        report: what ``CohortRunner.run`` returned (subject scores, operating threshold).
-        cohort: what ``phantoms.make_phantom_cohort`` returned (image, brain mask, lesion mask paths).
+        evaluation: the run's ``GroundTruthEvaluation`` (its ``summary`` holds the numbers).
+        cohort: what ``phantoms.make_phantom_cohort`` returned (the lesions planted in each subject).
         output_dir: the run's output folder.
-        encoder: the slice encoder actually used (its name, weights and any fallback warning are reported).
         settings: the run's settings; the ones that shape the result are printed with it.
     """
-    scores = {row["subject"]: row for row in report.subjects}
-    heats, truths, masks, rows = [], [], [], []
-    for subject in cohort:
-        sid = subject["subject"]
-        if sid not in scores:
-            continue
-        heat = _load(subject_files(output_dir, sid)["anomaly"])
-        flagged = _load(subject_files(output_dir, sid)["anomaly_mask"]) > 0
-        truth, brain = _load(subject["label"]) > 0, _load(subject["mask"]) > 0
-        heats.append(heat)
-        truths.append(truth)
-        masks.append(brain)
-        rows.append({
-            "subject": sid,
+
+    def __init__(
+        self,
+        evaluation: GroundTruthEvaluation,
+        cohort: Sequence[Mapping[str, Any]],
+        output_dir: str,
+        settings: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.evaluation = evaluation
+        self.cohort = list(cohort)
+        self.output_dir = output_dir
+        self.settings = dict(settings or {})
+        self.text = ""
+
+    def attach(self, engine: Any) -> None:
+        from .engines import CohortEvents
+
+        engine.add_event_handler(CohortEvents.COHORT_COMPLETED, self)
+
+    def __call__(self, engine: Any) -> None:
+        summary = self.evaluation.summary
+        if summary is None:
+            raise RuntimeError("the demo report needs the evaluation's summary: list the evaluation handler first")
+        scores = {row["subject"]: row for row in engine.report.subjects}
+        metrics = {row["subject"]: row for row in summary["subjects"]}
+        rows = [
+            self._row(subject, scores[subject["subject"]], metrics[subject["subject"]])
+            for subject in self.cohort
+            if subject["subject"] in scores
+        ]
+        self.text = _render(rows, summary, self.output_dir, engine.network.encoder, self.settings)
+        with atomic_path(Path(self.output_dir) / "demo_report.md") as tmp:
+            tmp.write_text(self.text)
+        print(self.text)
+
+    @staticmethod
+    def _row(subject: Mapping[str, Any], scores: Mapping[str, Any], metrics: Mapping[str, Any]) -> dict[str, Any]:
+        voxel_ml = float(np.prod(nib.load(subject["label"]).header.get_zooms()[:3])) / 1000
+        return {
+            "subject": subject["subject"],
             "lesions": len(subject["lesions"]),
-            "planted_ml": float(truth.sum() * np.prod(nib.load(subject["label"]).header.get_zooms()[:3]) / 1000),
-            "flagged_ml": scores[sid]["lesion_volume_ml"],
-            "score": scores[sid]["subject_score"],
-            "found": bool(truth.any() and (flagged & truth).any()),
-            "dice": dice(flagged, truth) if truth.any() else float("nan"),
-        })
-    pooled = voxel_metrics(heats, truths, masks, report.threshold)
-    has_lesion = [r["lesions"] > 0 for r in rows]
-    subject_auroc = (
-        float(roc_auc_score(has_lesion, [r["score"] for r in rows])) if 0 < sum(has_lesion) < len(rows) else float("nan")
-    )
-    text = _render(rows, pooled, subject_auroc, output_dir, encoder, settings or {})
-    with atomic_path(Path(output_dir) / "demo_report.md") as tmp:
-        tmp.write_text(text)
-    print(text)
-    return {"pooled": pooled, "subject_auroc": subject_auroc, "subjects": rows}
+            "planted_ml": metrics["lesion_voxels"] * voxel_ml,
+            "flagged_ml": scores["lesion_volume_ml"],
+            "score": scores["subject_score"],
+            "found": bool(metrics["lesion_voxels"] and metrics["dice_at_threshold"] > 0),
+            "dice": metrics["dice_at_threshold"],
+        }
 
 
-def _subject_auroc_meaning(value: float, rows) -> str:
+def _subject_auroc_meaning(value: float, rows: Sequence[Mapping[str, Any]]) -> str:
     """Subject-level AUROC in words: what a reader needs to judge it (and a warning when it is below chance)."""
     sick, healthy = sum(r["lesions"] > 0 for r in rows), sum(r["lesions"] == 0 for r in rows)
     if not np.isfinite(value):
         return "Not defined: it needs both lesion and lesion-free subjects."
-    what = (f"The probability that a subject with planted lesions scores above a lesion-free one ({sick} against "
-            f"{healthy} subjects; 1.0 = every lesion subject ranks first, 0.5 = chance")
+    what = (
+        f"The probability that a subject with planted lesions scores above a lesion-free one ({sick} against "
+        f"{healthy} subjects; 1.0 = every lesion subject ranks first, 0.5 = chance"
+    )
     if value < 0.5:
-        return what + "). Below chance: the lesion-free subjects score higher, so subject scores here do not find lesions."
+        return (
+            what + "). Below chance: the lesion-free subjects score higher, so subject scores here do not find lesions."
+        )
     return what + ")."
 
 
-SHOWN_SETTINGS = ("backbone", "grid_size", "feature_blocks", "matching", "window", "alpha", "tokenization", "device")
-
-
-def _render(rows, pooled, subject_auroc, output_dir, encoder, settings) -> str:
-    encoder_name, pretrained, warning = encoder.name, encoder.pretrained, encoder.warning
+def _render(rows, summary, output_dir, encoder, settings) -> str:
+    pooled, subject_auroc = summary["pooled"], summary["subject_auroc"]
     lines = []
-    if not pretrained:
+    if not encoder.pretrained:
         notice = [
-            f"BACKBONE: {encoder_name!r} is NOT a pretrained foundation model.",
+            f"BACKBONE: {encoder.name!r} is NOT a pretrained foundation model.",
             "These numbers are NOT CS3F/DINOv2 results; they show the pipeline works end to end.",
         ]
-        if warning:
+        if encoder.warning:
             notice.insert(0, "Pretrained DINOv2 weights were not found (offline?); fell back to 'intensity'.")
         lines += ["```", banner(notice), "```", ""]
     lines += [
@@ -104,10 +117,10 @@ def _render(rows, pooled, subject_auroc, output_dir, encoder, settings) -> str:
         "",
         "Settings: " + ", ".join(f"`{k}` {settings[k]}" for k in SHOWN_SETTINGS if k in settings) + ".",
         "",
-        f"Outputs: `{output_dir}`",
+        f"Outputs: `{output_dir}` (the evaluation's tables and figures: `metrics.md`, `<id>_eval.png`)",
         "",
         f"Pooled inside the brain masks: voxel AUROC **{pooled['auroc']:.3f}**, average precision "
-        f"**{pooled['average_precision']:.3f}**, Dice at the operating threshold **{pooled['dice']:.3f}** "
+        f"**{pooled['average_precision']:.3f}**, Dice at the operating threshold **{pooled['dice_at_threshold']:.3f}** "
         f"(lesions are {100 * pooled['lesion_fraction']:.2f} % of brain voxels).",
         f"Subject-level AUROC: {subject_auroc:.3f}. {_subject_auroc_meaning(subject_auroc, rows)}",
         "",
@@ -123,6 +136,6 @@ def _render(rows, pooled, subject_auroc, output_dir, encoder, settings) -> str:
         f"{'yes' if r['found'] else ('-' if r['lesions'] == 0 else 'no')} | {r['dice']:.3f} |"
         for r in rows
     ]
-    if warning:
-        lines += ["", f"> {warning}"]
+    if encoder.warning:
+        lines += ["", f"> {encoder.warning}"]
     return "\n".join(lines) + "\n"

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_process_group", "rank_and_world", "all_gather", "local_device"]
+__all__ = ["init_process_group", "rank_and_world", "all_gather"]
 
 
 def init_process_group() -> bool:
@@ -37,16 +37,3 @@ def all_gather(obj: Any) -> list[Any]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
-
-
-def local_device() -> torch.device:
-    """This rank's GPU (``LOCAL_RANK``), made the current CUDA device, or the CPU.
-
-    NCCL collectives (``all_gather_object``) run on the *current* device: without ``set_device`` every rank
-    would gather on GPU 0.
-    """
-    if torch.cuda.is_available():
-        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
-        torch.cuda.set_device(device)
-        return device
-    return torch.device("cpu")

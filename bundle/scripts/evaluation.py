@@ -4,6 +4,10 @@ Everything is measured inside each subject's mask, in the subject's own space (w
 voxel AUROC and average precision (scikit-learn), the best Dice over all thresholds, the Dice at the
 run's operating threshold, and, when the cohort mixes healthy and lesion subjects, the subject-level AUROC
 of the subject scores.
+
+``GroundTruthEvaluation`` is a handler of the bundle's evaluator (``configs/evaluate.json`` lists it): when the
+cohort's results are written (``CohortEvents.COHORT_COMPLETED``) it reads them back and evaluates them. The
+demo is the same evaluation of a phantom cohort, with a report of its own (``demo.DemoReport``).
 """
 
 from __future__ import annotations
@@ -22,15 +26,24 @@ from .cohort import match_pattern
 from .metrics import subject_metrics
 from .outputs import atomic_path, subject_files, write_csv, write_json
 from .overview import TRUTH_COLOUR, save_overview
+from .run_report import RunReport, backbone_note
 from .values import as_bool
-from .workflow import RunReport, backbone_note
 
-__all__ = ["CohortEvaluator", "METRIC_FIELDS"]
+__all__ = ["GroundTruthEvaluation", "METRIC_FIELDS"]
 
 logger = logging.getLogger(__name__)
 METRIC_FIELDS = (
-    "subject", "lesion_voxels", "auroc", "average_precision", "best_dice", "best_dice_threshold",
-    "dice_at_threshold", "flagged_fraction", "subject_score", "seconds",
+    "subject",
+    "lesion_voxels",
+    "auroc",
+    "average_precision",
+    "best_dice",
+    "best_dice_threshold",
+    "dice_at_threshold",
+    "flagged_fraction",
+    "lesion_fraction",
+    "subject_score",
+    "seconds",
 )
 
 
@@ -44,8 +57,9 @@ def _load(path: str | Path) -> np.ndarray:
     return _load_with_affine(path)[0]
 
 
-class CohortEvaluator:
-    """Compares the outputs of a run with ground-truth masks found by ``label_pattern``.
+class GroundTruthEvaluation:
+    """Compares the outputs of a run with ground-truth masks found by ``label_pattern``; a handler of the bundle's
+    evaluator (it evaluates when the cohort is complete, and keeps what it found in ``summary``).
 
     Args:
         dataset_dir: the cohort folder; label_pattern: glob with ``{id}`` for the ground truth of a subject
@@ -54,11 +68,17 @@ class CohortEvaluator:
         output_dir: the run's output folder; metrics and figures are written there.
         mask_pattern: masks the run used; without them the evaluated region is where the heat map is non-zero.
         figures: write ``<id>_eval.png`` per subject and ``metrics_summary.png``.
+        verbose: print ``metrics.md`` when done.
     """
 
     def __init__(
-        self, dataset_dir: str, label_pattern: str | None, output_dir: str, mask_pattern: str | None = None,
+        self,
+        dataset_dir: str,
+        label_pattern: str | None,
+        output_dir: str,
+        mask_pattern: str | None = None,
         figures: bool = True,
+        verbose: bool = True,
     ) -> None:
         if label_pattern is not None and "{id}" not in label_pattern:
             raise ValueError(f"label_pattern {label_pattern!r} needs an {{id}} placeholder")
@@ -67,6 +87,16 @@ class CohortEvaluator:
         self.output_dir = Path(output_dir)
         self.mask_pattern = mask_pattern or None
         self.figures = as_bool(figures, "eval_figures")
+        self.verbose = as_bool(verbose, "verbose")
+        self.summary: dict[str, Any] | None = None
+
+    def attach(self, engine: Any) -> None:
+        from .engines import CohortEvents
+
+        engine.add_event_handler(CohortEvents.COHORT_COMPLETED, self)
+
+    def __call__(self, engine: Any) -> None:
+        self.summary = self.evaluate(engine.report, engine.network.encoder)
 
     def _one(self, pattern: str, subject: str) -> Path | None:
         found = match_pattern(self.dataset_dir, pattern, subject)
@@ -90,8 +120,12 @@ class CohortEvaluator:
                 raise ValueError(f"{label}: ground truth grid {truth.shape} differs from the image grid {heat.shape}")
             mask_file = self._one(self.mask_pattern, sid) if self.mask_pattern else None
             inside = _load(mask_file) > 0 if mask_file is not None else heat != 0
-            row = {"subject": sid, **subject_metrics(heat[inside], truth[inside], flagged[inside]),
-                   "subject_score": result["subject_score"], "seconds": seconds}
+            row = {
+                "subject": sid,
+                **subject_metrics(heat[inside], truth[inside], flagged[inside]),
+                "subject_score": result["subject_score"],
+                "seconds": seconds,
+            }
             rows.append(row)
             pooled_scores.append(heat[inside])
             pooled_truth.append(truth[inside])
@@ -100,13 +134,18 @@ class CohortEvaluator:
             healthy.append(not truth.any())
             if self.figures:
                 self._figure(result["image"], heat, truth, files["overview"].with_name(f"{sid}_eval.png"), row)
-        if self.label_pattern and rows and all(r["lesion_voxels"] == 0 for r in rows) and not any(
-            self._one(self.label_pattern, r["subject"]) for r in rows
+        if (
+            self.label_pattern
+            and rows
+            and all(r["lesion_voxels"] == 0 for r in rows)
+            and not any(self._one(self.label_pattern, r["subject"]) for r in rows)
         ):
             raise FileNotFoundError(
                 f"no ground truth file matches label_pattern {self.label_pattern!r} under {self.dataset_dir} for any subject"
             )
-        pooled = subject_metrics(np.concatenate(pooled_scores), np.concatenate(pooled_truth), np.concatenate(pooled_flagged))
+        pooled = subject_metrics(
+            np.concatenate(pooled_scores), np.concatenate(pooled_truth), np.concatenate(pooled_flagged)
+        )
         mixed = 0 < sum(healthy) < len(healthy)
         summary = {
             "output_dir": str(self.output_dir),
@@ -116,17 +155,23 @@ class CohortEvaluator:
             "subjects": rows,
             "operating_threshold": report.threshold,
             "timings_s": report.timings,
-            "backbone": {"name": getattr(encoder, "name", ""), "pretrained": getattr(encoder, "pretrained", None),
-                         "note": backbone_note(encoder) if encoder is not None else ""},
+            "backbone": {
+                "name": getattr(encoder, "name", ""),
+                "pretrained": getattr(encoder, "pretrained", None),
+                "note": backbone_note(encoder) if encoder is not None else "",
+            },
         }
-        write_csv([*rows, {"subject": "POOLED", **pooled, "seconds": seconds}], self.output_dir / "metrics.csv", METRIC_FIELDS)
+        write_csv(
+            [*rows, {"subject": "POOLED", **pooled, "seconds": seconds}], self.output_dir / "metrics.csv", METRIC_FIELDS
+        )
         write_json(summary, self.output_dir / "metrics.json")
         text = self._markdown(summary)
         with atomic_path(self.output_dir / "metrics.md") as tmp:
             tmp.write_text(text)
         if self.figures and rows:
             self._summary_plot(rows, self.output_dir / "metrics_summary.png")
-        print(text)
+        if self.verbose:
+            print(text)
         return summary
 
     @staticmethod
@@ -137,8 +182,12 @@ class CohortEvaluator:
         spacing = np.zeros(3)
         spacing[ornt[:, 0].astype(int)] = nib.affines.voxel_sizes(affine)  # input axis i becomes RAS axis ornt[i, 0]
         save_overview(
-            to_ras(image.astype(np.float32)), to_ras(heat), path, spacing=spacing,
-            truth=to_ras(truth), title=f"{row['subject']}: ground truth outlined, AUROC {row['auroc']:.3f}, "
+            to_ras(image.astype(np.float32)),
+            to_ras(heat),
+            path,
+            spacing=spacing,
+            truth=to_ras(truth),
+            title=f"{row['subject']}: ground truth outlined, AUROC {row['auroc']:.3f}, "
             f"best Dice {row['best_dice']:.3f}",
         )
 
@@ -151,7 +200,9 @@ class CohortEvaluator:
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
         x = np.arange(len(rows))
-        for k, (key, label) in enumerate((("auroc", "voxel AUROC"), ("average_precision", "AP"), ("best_dice", "best Dice"))):
+        for k, (key, label) in enumerate(
+            (("auroc", "voxel AUROC"), ("average_precision", "AP"), ("best_dice", "best Dice"))
+        ):
             ax.bar(x + (k - 1) * 0.27, [r[key] for r in rows], width=0.27, label=label)
         ax.set_xticks(x, [r["subject"] for r in rows], rotation=45, ha="right")
         ax.set_ylim(0, 1)
@@ -178,7 +229,8 @@ class CohortEvaluator:
             f"Files: `metrics.md`, `metrics.csv`, `metrics.json`, `metrics_summary.png` and `<id>_eval.png` (ground truth "
             f"outlined in {TRUTH_COLOUR}) in `{summary['output_dir']}`.",
             "",
-            "| subject | lesion voxels | AUROC | AP | best Dice | Dice @ threshold | flagged fraction | subject score | s/subject |",
+            "| subject | lesion voxels | AUROC | AP | best Dice | Dice @ threshold | flagged fraction | subject score "
+            "| s/subject |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         lines += [
@@ -195,5 +247,7 @@ def _subject_auroc_line(summary: Mapping[str, Any]) -> str:
     value, healthy, total = summary["subject_auroc"], summary["healthy_subjects"], len(summary["subjects"])
     if np.isfinite(value):
         return f"Subject-level AUROC (subjects with findings against {healthy} without, by subject score): {value:.3f}."
-    return (f"Subject-level AUROC: not defined here, {healthy} of {total} subjects have no ground-truth finding "
-            "(it needs subjects both with and without).")
+    return (
+        f"Subject-level AUROC: not defined here, {healthy} of {total} subjects have no ground-truth finding "
+        "(it needs subjects both with and without)."
+    )

@@ -113,8 +113,16 @@ class CohortInferer(Inferer):
         groups = tokens.view(n, num_groups, gc // num_groups, *grid)
         valid = valid.to(device)
         for g in tqdm(range(num_groups), desc=desc, disable=not self.progress, leave=False):
-            yield g, mutual_scores(groups[:, g].to(device).float(), valid, self.alpha, self.matching, self.window,
-                                   self.budget_bytes, subjects, return_selection=selection)
+            yield g, mutual_scores(
+                groups[:, g].to(device).float(),
+                valid,
+                self.alpha,
+                self.matching,
+                self.window,
+                self.budget_bytes,
+                subjects,
+                return_selection=selection,
+            )
 
     @torch.inference_mode()
     def score_entries(
@@ -144,14 +152,24 @@ class CohortInferer(Inferer):
         coarse_sum, coarse_count = 0.0, 0
         fine_num = torch.zeros(len(rows), *frame, device=device)
         fine_den = torch.zeros(len(rows), *frame, device=device)
-        for g, (s, chosen, matched) in self._group_scores(tokens, valid, network.num_groups, rows, "scoring coarse-to-fine",
-                                                          selection=True):
+        for g, (s, chosen, matched) in self._group_scores(
+            tokens, valid, network.num_groups, rows, "scoring coarse-to-fine", selection=True
+        ):
             coarse_sum, coarse_count = _accumulate(coarse_sum, coarse_count, s)
             a, b = divmod(g, per_axis)
             block = fine[a][:, b * network.channels : (b + 1) * network.channels].to(device)
             for row, i in enumerate(rows):
-                f = fine_scores(block[i], fine_valid[a][i], block, fine_valid[a], chosen[row], matched[row],
-                                network.axes[a], self.fine_margin, self.budget_bytes)
+                f = fine_scores(
+                    block[i],
+                    fine_valid[a][i],
+                    block,
+                    fine_valid[a],
+                    chosen[row],
+                    matched[row],
+                    network.axes[a],
+                    self.fine_margin,
+                    self.budget_bytes,
+                )
                 num, den = upsample_parts(f, frame)
                 fine_num[row] += num
                 fine_den[row] += den
@@ -160,10 +178,15 @@ class CohortInferer(Inferer):
         for row in range(len(rows)):
             num, den = upsample_parts(_robust_z(coarse[row]), frame)
             coarse_up = torch.where(den > 1e-6, num / den.clamp(min=1e-6), torch.nan)
-            fine_map = _robust_z(torch.where(fine_den[row] > 1e-6, fine_num[row] / fine_den[row].clamp(min=1e-6), torch.nan))
+            fine_map = _robust_z(
+                torch.where(fine_den[row] > 1e-6, fine_num[row] / fine_den[row].clamp(min=1e-6), torch.nan)
+            )
             stacked = torch.stack([coarse_up, fine_map])
-            reduced = stacked.nanmean(0) if self.fusion == "mean" else torch.where(
-                torch.isnan(stacked), -torch.inf, stacked).amax(0)
+            reduced = (
+                stacked.nanmean(0)
+                if self.fusion == "mean"
+                else torch.where(torch.isnan(stacked), -torch.inf, stacked).amax(0)
+            )
             fused.append(torch.where(torch.isfinite(reduced), reduced, torch.nan))
         return torch.stack(fused).cpu()
 

@@ -60,7 +60,11 @@ class CheckInputSized(MapTransform):
     """
 
     def __init__(
-        self, keys: KeysCollection, max_voxels: int, max_voxel_size_mm: float, spacing: float | Sequence[float] = 1.0,
+        self,
+        keys: KeysCollection,
+        max_voxels: int,
+        max_voxel_size_mm: float,
+        spacing: float | Sequence[float] = 1.0,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)

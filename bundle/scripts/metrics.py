@@ -1,4 +1,6 @@
-"""Voxel-level accuracy of heat maps against ground truth, with scikit-learn doing the ranking metrics.
+"""Voxel-level accuracy of heat maps against ground truth: MONAI computes the Dice, scikit-learn the ranking
+metrics (AUROC, average precision and the precision-recall curve, exact with tied scores, on the flat voxel
+arrays pooled over a cohort).
 
 All functions take in-mask voxels: what lies outside a subject's brain or body mask is not scored.
 """
@@ -8,16 +10,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
+from monai.metrics import compute_dice
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 __all__ = ["dice", "ranking_metrics", "best_dice", "subject_metrics", "voxel_metrics"]
 
 
 def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
-    """Dice overlap of two binary arrays; 1.0 when both are empty."""
-    p, t = np.asarray(prediction, bool), np.asarray(truth, bool)
-    total = p.sum() + t.sum()
-    return 1.0 if total == 0 else float(2.0 * np.logical_and(p, t).sum() / total)
+    """Dice overlap of two binary arrays (MONAI's ``compute_dice``); 1.0 when both are empty."""
+    as_batch = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=bool)).reshape(1, 1, -1)  # noqa: E731
+    return float(compute_dice(as_batch(prediction), as_batch(truth), include_background=True, ignore_empty=False))
 
 
 def ranking_metrics(scores: np.ndarray, truth: np.ndarray) -> dict[str, float]:
@@ -49,6 +52,7 @@ def subject_metrics(scores: np.ndarray, truth: np.ndarray, flagged: np.ndarray) 
         "best_dice_threshold": at,
         "dice_at_threshold": dice(flagged, truth) if truth.any() else float("nan"),
         "flagged_fraction": float(flagged.mean()) if flagged.size else float("nan"),
+        "lesion_fraction": float(truth.mean()) if truth.size else float("nan"),
     }
 
 

@@ -84,7 +84,9 @@ def convert(onnx_path: str | os.PathLike) -> dict[str, torch.Tensor]:
         weight = next((i for i in node.input if i in arrays and not i.startswith(PREFIX)), None)
         if weight is None:
             continue
-        biases = [i for add in consumers.get(node.output[0], []) if add.op_type == "Add" for i in add.input if i in arrays]
+        biases = [
+            i for add in consumers.get(node.output[0], []) if add.op_type == "Add" for i in add.input if i in arrays
+        ]
         match = _LAYER.match(biases[0]) if len(biases) == 1 else None
         if match is None or match.group(2) not in _MATRICES:
             raise ValueError(f"{onnx_path}: cannot tell what MatMul weight {weight!r} is (biases after it: {biases})")
@@ -100,8 +102,10 @@ def convert(onnx_path: str | os.PathLike) -> dict[str, torch.Tensor]:
         elif value.shape[1] > 1 and "Reshape" in ops:
             patch_pos = value
     if class_pos is None or patch_pos is None:
-        raise ValueError(f"{onnx_path}: position embedding not found (class part: {class_pos is not None}, "
-                         f"patch part: {patch_pos is not None})")
+        raise ValueError(
+            f"{onnx_path}: position embedding not found (class part: {class_pos is not None}, "
+            f"patch part: {patch_pos is not None})"
+        )
 
     state["cls_token"] = arrays[PREFIX + "embeddings.cls_token"]
     state["pos_embed"] = np.concatenate([class_pos, patch_pos], axis=1)

@@ -15,13 +15,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
-from monai.data import MetaTensor, NibabelWriter
+from monai.data import NibabelWriter
 
 __all__ = [
+    "SUBJECT_META",
+    "AtomicNibabelWriter",
     "OutputExistsError",
     "atomic_path",
-    "write_nifti",
+    "name_after_subject",
     "write_csv",
     "write_json",
     "subject_files",
@@ -34,6 +35,7 @@ __all__ = [
 
 COHORT_FILES = ("scores.csv", "report.html", "run.json")
 SUBJECT_SUFFIXES = ("_anomaly.nii.gz", "_anomaly_mask.nii.gz", "_overview.png")
+SUBJECT_META = "cs3f_subject"  # the metadata key that carries the subject id to the writers
 
 
 class OutputExistsError(FileExistsError):
@@ -63,16 +65,20 @@ def _umask() -> int:
     return mask
 
 
-def write_nifti(image: torch.Tensor, path: str | os.PathLike, dtype: type = np.float32) -> Path:
-    """Write a channel-first 3D ``MetaTensor`` with its own affine as NIfTI, through MONAI's ``NibabelWriter``."""
-    if not isinstance(image, MetaTensor):
-        raise TypeError("write_nifti needs a MetaTensor that carries the affine of the grid it is on")
-    writer = NibabelWriter(output_dtype=dtype)
-    writer.set_data_array(image.detach().cpu().to(torch.float32 if dtype == np.float32 else torch.uint8), channel_dim=0)
-    writer.set_metadata({"affine": image.affine, "original_affine": image.affine}, resample=False)
-    with atomic_path(path) as tmp:
-        writer.write(str(tmp), verbose=False)
-    return Path(path)
+class AtomicNibabelWriter(NibabelWriter):
+    """MONAI's NIfTI writer, writing through ``atomic_path``: give it to ``SaveImaged`` (``writer``)."""
+
+    def write(self, filename: str | os.PathLike, verbose: bool = False, **obj_kwargs) -> None:
+        with atomic_path(filename) as tmp:
+            super().write(str(tmp), verbose=verbose, **obj_kwargs)
+
+
+def name_after_subject(metadict: dict, saver: object) -> dict[str, str]:
+    """``SaveImaged``'s ``output_name_formatter``: ``<subject>_<postfix>`` (the subject id, not the input file name).
+
+    MONAI's folder layout drops what looks like a file extension from the name it is given, so the id is handed over
+    with one (a subject ``patient.1`` stays ``patient.1``)."""
+    return {"subject": f"{metadict[SUBJECT_META]}.nii.gz", "idx": None}
 
 
 def write_csv(rows: Sequence[dict], path: str | os.PathLike, fieldnames: Sequence[str]) -> Path:
@@ -114,7 +120,9 @@ def refuse_existing(output_dir: str | os.PathLike, subjects: Sequence[str], over
     existing = [p for p in cohort_files(output_dir).values() if p.exists()]
     existing += [p for s in subjects for p in subject_files(output_dir, s).values() if p.exists()]
     if existing:
-        shown = ", ".join(str(p) for p in existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+        shown = ", ".join(str(p) for p in existing[:3]) + (
+            f" and {len(existing) - 3} more" if len(existing) > 3 else ""
+        )
         raise OutputExistsError(
             f"output_dir already holds results ({shown}); choose another --output_dir or pass --overwrite true to replace them"
         )

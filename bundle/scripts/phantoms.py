@@ -9,7 +9,6 @@ at the default shape and spacing lesion radii are about 3-12 mm.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -32,13 +31,21 @@ FILE_KEYS = ("image", "mask", "label")
 
 # Deep grey nuclei (centre, semi-axes) for the right hemisphere, in brain-normalised coordinates;
 # mirrored to the left. Roughly thalamus, lentiform nucleus and caudate head.
-_NUCLEI = (((0.13, -0.14, -0.12), (0.11, 0.17, 0.14)),
-           ((0.30, 0.08, -0.05), (0.08, 0.20, 0.15)),
-           ((0.18, 0.25, 0.05), (0.07, 0.12, 0.12)))
+_NUCLEI = (
+    ((0.13, -0.14, -0.12), (0.11, 0.17, 0.14)),
+    ((0.30, 0.08, -0.05), (0.08, 0.20, 0.15)),
+    ((0.18, 0.25, 0.05), (0.07, 0.12, 0.12)),
+)
 
 
-def make_phantom_cohort(out_dir: str | Path, n_subjects: int = 8, shape: tuple[int, int, int] = (96, 112, 96),
-                        spacing: float = 1.5, n_lesion_free: int = 1, seed: int = 0) -> list[dict]:
+def make_phantom_cohort(
+    out_dir: str | Path,
+    n_subjects: int = 8,
+    shape: tuple[int, int, int] = (96, 112, 96),
+    spacing: float = 1.5,
+    n_lesion_free: int = 1,
+    seed: int = 0,
+) -> list[dict]:
     """Write `n_subjects` phantoms (FLAIR, brain mask, lesion mask) under `out_dir/sub-XX/`.
 
     The last `n_lesion_free` subjects have no lesions. Lesions sit at different world positions in
@@ -46,10 +53,17 @@ def make_phantom_cohort(out_dir: str | Path, n_subjects: int = 8, shape: tuple[i
     written with the same parameters (`out_dir/cohort.json`, files unchanged) is reused, not rewritten.
     """
     if n_subjects < 1 or not 0 <= n_lesion_free <= n_subjects:
-        raise ValueError(f"need n_subjects >= 1 and 0 <= n_lesion_free <= n_subjects, "
-                         f"got {n_subjects=} {n_lesion_free=}")
-    parameters = {"version": MANIFEST_VERSION, "n_subjects": n_subjects, "shape": list(shape), "spacing": spacing,
-                  "n_lesion_free": n_lesion_free, "seed": seed}
+        raise ValueError(
+            f"need n_subjects >= 1 and 0 <= n_lesion_free <= n_subjects, got {n_subjects=} {n_lesion_free=}"
+        )
+    parameters = {
+        "version": MANIFEST_VERSION,
+        "n_subjects": n_subjects,
+        "shape": list(shape),
+        "spacing": spacing,
+        "n_lesion_free": n_lesion_free,
+        "seed": seed,
+    }
     out_dir = Path(out_dir)
     manifest = out_dir / "cohort.json"
     records = _reusable(out_dir, manifest, parameters)
@@ -74,8 +88,9 @@ def _reusable(out_dir: Path, manifest: Path, parameters: dict) -> list[dict] | N
         return None
 
 
-def _write_cohort(out_dir: Path, n_subjects: int, shape: tuple[int, int, int], spacing: float, n_lesion_free: int,
-                  seed: int) -> list[dict]:
+def _write_cohort(
+    out_dir: Path, n_subjects: int, shape: tuple[int, int, int], spacing: float, n_lesion_free: int, seed: int
+) -> list[dict]:
     grid = np.asarray(shape, dtype=int)
     scale = float((grid * spacing).mean() / DEFAULT_FOV_MM.mean())
     affine = np.diag([spacing, spacing, spacing, 1.0])
@@ -94,13 +109,16 @@ def _write_cohort(out_dir: Path, n_subjects: int, shape: tuple[int, int, int], s
         if i < len(radii):
             depth = ndimage.distance_transform_edt(brain, sampling=spacing)
             for radius in radii[i]:
-                lesions.append(_plant_lesion(rng, image, label, tissue, brain, depth, float(radius), taken,
-                                             affine, scale))
+                lesions.append(
+                    _plant_lesion(rng, image, label, tissue, brain, depth, float(radius), taken, affine, scale)
+                )
         image = _acquire(rng, image)
         sid = f"sub-{i + 1:0{width}d}"
         folder = Path(out_dir) / sid
         folder.mkdir(parents=True, exist_ok=True)
-        paths = {key: folder / f"{sid}_{suffix}.nii.gz" for key, suffix in zip(FILE_KEYS, ("flair", "brainmask", "lesion"))}
+        paths = {
+            key: folder / f"{sid}_{suffix}.nii.gz" for key, suffix in zip(FILE_KEYS, ("flair", "brainmask", "lesion"))
+        }
         codes = ORIENTATIONS[i % len(ORIENTATIONS)]
         for key, data in (("image", image), ("mask", brain.astype(np.uint8)), ("label", label)):
             stored, stored_affine = _reorient(data, affine, codes)
@@ -129,8 +147,9 @@ def _rotation(angles: np.ndarray) -> np.ndarray:
     return rz @ ry @ rx
 
 
-def _template_coords(rng: np.random.Generator, shape: tuple[int, int, int], spacing: float,
-                     scale: float) -> list[np.ndarray]:
+def _template_coords(
+    rng: np.random.Generator, shape: tuple[int, int, int], spacing: float, scale: float
+) -> list[np.ndarray]:
     """Template-space mm coordinates of every voxel: inverse random affine plus a smooth elastic warp."""
     pose = _rotation(np.deg2rad(rng.uniform(-6.0, 6.0, 3))) @ np.diag(1.0 + rng.uniform(-0.06, 0.06, 3))
     inverse = np.linalg.inv(pose).astype(np.float32)
@@ -199,9 +218,18 @@ def _plan_radii(rng: np.random.Generator, n_lesion_subjects: int, scale: float) 
     return np.split(radii * scale, np.cumsum(counts)[:-1])
 
 
-def _plant_lesion(rng: np.random.Generator, image: np.ndarray, label: np.ndarray, tissue: np.ndarray,
-                  brain: np.ndarray, depth: np.ndarray, radius: float, taken: list[tuple[np.ndarray, float]],
-                  affine: np.ndarray, scale: float) -> dict:
+def _plant_lesion(
+    rng: np.random.Generator,
+    image: np.ndarray,
+    label: np.ndarray,
+    tissue: np.ndarray,
+    brain: np.ndarray,
+    depth: np.ndarray,
+    radius: float,
+    taken: list[tuple[np.ndarray, float]],
+    affine: np.ndarray,
+    scale: float,
+) -> dict:
     """Blend one irregular hyperintense blob into `image`/`label` (in place) and return its description."""
     spacing = affine[0, 0]
     allowed = ((tissue == WM) | (tissue == GM)) & (depth >= 1.35 * radius + 3.0 * scale)
@@ -221,13 +249,22 @@ def _plant_lesion(rng: np.random.Generator, image: np.ndarray, label: np.ndarray
     contrast = float(rng.uniform(1.4, 2.2))
     image[box] = image[box] * (1.0 - weight) + contrast * INTENSITY[WM] * weight
     label[box] |= (weight > 0.5).astype(np.uint8)
-    return {"center_ras_mm": [round(float(c), 3) for c in centre_mm], "radius_mm": round(radius, 3),
-            "contrast": round(contrast, 3)}
+    return {
+        "center_ras_mm": [round(float(c), 3) for c in centre_mm],
+        "radius_mm": round(radius, 3),
+        "contrast": round(contrast, 3),
+    }
 
 
-def _pick_centre(rng: np.random.Generator, candidates: np.ndarray, radius: float,
-                 taken: list[tuple[np.ndarray, float]], affine: np.ndarray, scale: float,
-                 shape: tuple[int, ...]) -> np.ndarray:
+def _pick_centre(
+    rng: np.random.Generator,
+    candidates: np.ndarray,
+    radius: float,
+    taken: list[tuple[np.ndarray, float]],
+    affine: np.ndarray,
+    scale: float,
+    shape: tuple[int, ...],
+) -> np.ndarray:
     """Random candidate voxel whose blob does not overlap earlier lesions in world space (relaxed if crowded)."""
     draws = np.unravel_index(rng.choice(candidates, size=min(512, candidates.size), replace=False), shape)
     draws = np.stack(draws, axis=1)
@@ -257,19 +294,17 @@ def _acquire(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
 def _reorient(data: np.ndarray, affine: np.ndarray, codes: str) -> tuple[np.ndarray, np.ndarray]:
     """Array and affine for storing RAS-grid `data` with axis codes `codes`; world space is unchanged."""
     transform = orientations.ornt_transform(orientations.axcodes2ornt("RAS"), orientations.axcodes2ornt(codes))
-    return (np.ascontiguousarray(orientations.apply_orientation(data, transform)),
-            affine @ orientations.inv_ornt_aff(transform, data.shape))
+    return (
+        np.ascontiguousarray(orientations.apply_orientation(data, transform)),
+        affine @ orientations.inv_ornt_aff(transform, data.shape),
+    )
 
 
 def _save_nifti(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    """Write atomically (temporary `.nii.gz` in the same folder, then rename) so readers never see half a file."""
+    """Write atomically (``outputs.atomic_path``) so readers never see half a file."""
     img = nib.Nifti1Image(data, affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm")
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))

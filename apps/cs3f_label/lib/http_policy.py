@@ -48,19 +48,27 @@ POLICY_KEYS = {
 }
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 ALWAYS = [
-    ("GET", r"/"), ("GET", r"/favicon\.ico"), ("GET", r"/openapi\.json"), ("GET", r"/docs"), ("GET", r"/static/.+"),
+    ("GET", r"/"),
+    ("GET", r"/favicon\.ico"),
+    ("GET", r"/openapi\.json"),
+    ("GET", r"/docs"),
+    ("GET", r"/static/.+"),
     ("GET", r"/info/?"),
     ("POST", r"/infer/[^/]+"),
-    ("GET", r"/batch/infer/?"), ("POST", r"/batch/infer/[^/]+"), ("DELETE", r"/batch/infer/?"),
+    ("GET", r"/batch/infer/?"),
+    ("POST", r"/batch/infer/[^/]+"),
+    ("DELETE", r"/batch/infer/?"),
     ("POST", r"/activelearning/[^/]+"),
-    ("GET", r"/datastore/?"), ("GET", r"/datastore/(image|label)(/info)?"), ("GET", r"/datastore/dataset"),
+    ("GET", r"/datastore/?"),
+    ("GET", r"/datastore/(image|label)(/info)?"),
+    ("GET", r"/datastore/dataset"),
     ("GET", r"/ohif(/.*)?"),
     ("GET", r"/proxy/dicom/.+"),
-    ("POST", r"/auth/token"), ("GET", r"/auth/?"), ("GET", r"/auth/token/valid"),
+    ("POST", r"/auth/token"),
+    ("GET", r"/auth/?"),
+    ("GET", r"/auth/token/valid"),
 ]
-DATASTORE_WRITES = [
-    ("PUT", r"/datastore/.+"), ("DELETE", r"/datastore/.+"), ("POST", r"/proxy/dicom/stow/.+"),
-]
+DATASTORE_WRITES = [("PUT", r"/datastore/.+"), ("DELETE", r"/datastore/.+"), ("POST", r"/proxy/dicom/stow/.+")]
 NAMED_PARAMETERS = ("image", "id", "tag", "label")
 # request keys a client may not set in params: the image comes from ?image= or an upload, the rest is the app's own
 RESERVED_PARAMS = ("image", "label", "session", "model", "_image_id")
@@ -71,8 +79,10 @@ PLAIN_NAME = re.compile(r"[^/\\\x00-\x1f\x7f]{1,255}")
 def plain_name_problem(value: Any, what: str) -> str | None:
     """Why ``value`` is not a plain name (an id or tag that can only name something inside the datastore)."""
     if not isinstance(value, str) or not PLAIN_NAME.fullmatch(value) or value.startswith("."):
-        return (f"{what} must be a plain name (no '/', '\\', leading '.' or control characters, at most 255 characters), "
-                f"got {value!r}"[:300])
+        return (
+            f"{what} must be a plain name (no '/', '\\', leading '.' or control characters, at most 255 characters), "
+            f"got {value!r}"[:300]
+        )
     return None
 
 
@@ -105,23 +115,35 @@ class PolicyMiddleware:
             return
         status, detail = problem
         body = json.dumps({"detail": detail}).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     def problem(self, scope) -> tuple[int, str] | None:
         headers = dict(scope.get("headers") or [])
         host = headers.get(b"host", b"").decode("latin-1").strip().lower()
-        name = host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        name = (
+            host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        )
         if not self.any_host and name not in self.hosts:
-            return 400, (f"Host {host!r} is not served here (DNS rebinding protection); start the server with "
-                         "--conf allowed_hosts <name> to serve it under that name")
+            return 400, (
+                f"Host {host!r} is not served here (DNS rebinding protection); start the server with "
+                "--conf allowed_hosts <name> to serve it under that name"
+            )
         method, path = scope["method"], scope["path"]
-        path = path[len(self.prefix):] or "/" if self.prefix and path.startswith(self.prefix) else path
+        path = path[len(self.prefix) :] or "/" if self.prefix and path.startswith(self.prefix) else path
         allowed = lambda rules: any(m == method and p.fullmatch(path) for m, p in rules)  # noqa: E731
         if not allowed(self.rules):
             if allowed(self.writes):
-                return 403, f"{method} {path}: writing to the datastore is off on this server (start it with --conf datastore_write true)"
+                return (
+                    403,
+                    f"{method} {path}: writing to the datastore is off on this server (start it with --conf datastore_write true)",
+                )
             return 403, f"{method} {path} is not available on the CS3F server (a training-free inference service)"
         for key, value in parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True):
             if key in NAMED_PARAMETERS and (value or key != "image"):
@@ -147,7 +169,10 @@ def parse_params(text: Any) -> dict[str, Any]:
         raise HTTPException(status_code=400, detail=f"params must be a JSON object, got {type(params).__name__}")
     reserved = sorted(k for k in params if k in RESERVED_PARAMS or k.startswith("cs3f_"))
     if reserved:
-        raise HTTPException(status_code=400, detail=f"params may not set {reserved}: pass the study as ?image=<id> or upload it as 'file'")
+        raise HTTPException(
+            status_code=400,
+            detail=f"params may not set {reserved}: pass the study as ?image=<id> or upload it as 'file'",
+        )
     return params
 
 
@@ -165,16 +190,19 @@ def make_infer_route(upload_key: str):
         model: str,
         image: str = "",
         session_id: str = "",
-        params: str = Form("{}"),
-        file: UploadFile = File(None),
-        label: UploadFile = File(None),
+        params: str = Form("{}"),  # noqa: B008 (FastAPI declares form fields and dependencies as defaults)
+        file: UploadFile = File(None),  # noqa: B008
+        label: UploadFile = File(None),  # noqa: B008
         output: str | None = None,
-        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
+        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),  # noqa: B008
     ):
         instance = app_instance()
         info = instance.info()
         if model not in info.get("models", {}):  # before an upload is stored
-            raise HTTPException(status_code=404, detail=f"unknown model {model!r}; this server has: {', '.join(sorted(info.get('models', {})))}")
+            raise HTTPException(
+                status_code=404,
+                detail=f"unknown model {model!r}; this server has: {', '.join(sorted(info.get('models', {})))}",
+            )
         if output not in (None, "image", "json", "all"):
             raise HTTPException(status_code=400, detail=f"output must be one of image, json, all; got {output!r}")
         if session_id or label:
@@ -185,19 +213,25 @@ def make_infer_route(upload_key: str):
         if file:
             folder = tempfile.mkdtemp(prefix="cs3f_upload_")  # 0700: private to the server's user
             suffix = "".join(s for s in os.path.basename(file.filename or "").split(".", 1)[1:2])
-            path = os.path.join(folder, f"upload.{suffix}" if re.fullmatch(r"[A-Za-z0-9.]{1,16}", suffix) else "upload.nii.gz")
+            path = os.path.join(
+                folder, f"upload.{suffix}" if re.fullmatch(r"[A-Za-z0-9.]{1,16}", suffix) else "upload.nii.gz"
+            )
             with open(path, "wb") as out:
                 shutil.copyfileobj(file.file, out)
             request.update({"image": path, upload_key: True})
         elif image:
             request["image"] = image
         else:
-            raise HTTPException(status_code=400, detail="no study given: pass ?image=<image id> or upload the image as 'file'")
+            raise HTTPException(
+                status_code=400, detail="no study given: pass ?image=<image id> or upload the image as 'file'"
+            )
         try:
             result = instance.infer(request)
             if result is None:
                 raise HTTPException(status_code=500, detail="inference returned no result")
-            response = send_response(instance.datastore(), result, output, background_tasks)  # it removes the result file
+            response = send_response(
+                instance.datastore(), result, output, background_tasks
+            )  # it removes the result file
         except BaseException:
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)  # no answer, so no background task will run
@@ -238,25 +272,42 @@ def install(app, conf: dict[str, str], upload_key: str) -> None:
 
     kept = [m for m in app.user_middleware if m.cls is not CORSMiddleware]
     app.user_middleware[:] = [
-        Middleware(PolicyMiddleware, allowed_hosts=hosts, datastore_write=datastore_write == "true",
-                   api_prefix=settings.MONAI_LABEL_API_STR),
-        Middleware(CORSMiddleware, allow_origins=origins, allow_credentials=bool(origins) and "*" not in origins,
-                   allow_methods=["*"], allow_headers=["*"]),
+        Middleware(
+            PolicyMiddleware,
+            allowed_hosts=hosts,
+            datastore_write=datastore_write == "true",
+            api_prefix=settings.MONAI_LABEL_API_STR,
+        ),
+        Middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_credentials=bool(origins) and "*" not in origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+        ),
         *kept,
     ]
 
     async def unexpected(request, err: Exception):
         logger.exception("unexpected error answering %s %s", request.method, request.url.path)
-        return JSONResponse(status_code=500, content={"detail": f"internal error ({type(err).__name__}); see the server log"})
+        return JSONResponse(
+            status_code=500, content={"detail": f"internal error ({type(err).__name__}); see the server log"}
+        )
 
     app.exception_handlers[Exception] = unexpected
     from monailabel.endpoints.user import auth
 
     if not isinstance(auth.jwt, RS256Tokens):
         auth.jwt = RS256Tokens(auth.jwt)
-    app.router.add_api_route(f"{settings.MONAI_LABEL_API_STR}/infer/{{model}}", make_infer_route(upload_key),
-                             methods=["POST"], summary="CS3F anomaly inference of a datastore study (or an uploaded image)")
+    app.router.add_api_route(
+        f"{settings.MONAI_LABEL_API_STR}/infer/{{model}}",
+        make_infer_route(upload_key),
+        methods=["POST"],
+        summary="CS3F anomaly inference of a datastore study (or an uploaded image)",
+    )
     app.router.routes.insert(0, app.router.routes.pop())  # matched before MONAI Label's own /infer/{model}
     app.openapi_schema = None
     app.middleware_stack = None  # rebuilt with the new middleware at the next request
-    logger.info("CS3F server policy: hosts %s, CORS origins %s, datastore writes %s", hosts, origins or "none", datastore_write)
+    logger.info(
+        "CS3F server policy: hosts %s, CORS origins %s, datastore writes %s", hosts, origins or "none", datastore_write
+    )

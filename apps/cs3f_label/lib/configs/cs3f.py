@@ -20,7 +20,9 @@ class CS3F(TaskConfig):
 
     def init(self, name: str, model_dir: str, conf: Dict[str, str], planner: Any, **kwargs) -> None:
         super().init(name, model_dir, conf, planner, **kwargs)
-        self.engine = Engine(kwargs["app_dir"], kwargs["studies"], conf, local_datastore=kwargs.get("local_datastore", True))
+        self.engine = Engine(
+            kwargs["app_dir"], kwargs["studies"], conf, local_datastore=kwargs.get("local_datastore", True)
+        )
         self.datastore = kwargs["datastore"]
         logger.info(self.engine.describe())
         self.engine.startup_check()
