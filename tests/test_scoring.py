@@ -15,6 +15,7 @@ from scripts.scoring import (
     nearest_distances_global,
     nearest_distances_window,
     num_closest,
+    pairwise_distances_global,
     robust_threshold,
     window_offsets,
 )
@@ -151,6 +152,22 @@ def test_distance_helpers_chunked_equal_unchunked():
     assert (g_large.view(N - 1, *GRID) <= d_large + 1e-6).all()
 
 
+@pytest.mark.parametrize("budget", [1, 1 << 30])
+def test_each_pair_once_equals_each_subject_against_the_others(budget):
+    """The whole-cohort global pass (one distance matrix per pair, row and column minima) gives every subject's
+    distances to every other subject, as scoring each subject on its own does."""
+    tokens, valid = _cohort(seed=11, all_invalid_subject=True)
+    flat, flat_valid = tokens.flatten(2).transpose(1, 2), valid.flatten(1)
+    pairwise = pairwise_distances_global(flat, flat_valid, budget_bytes=budget)
+    assert pairwise.shape == (N, N, flat.shape[1]) and torch.isinf(pairwise.diagonal()).all()
+    for i in range(N):
+        others = torch.tensor([j for j in range(N) if j != i])
+        alone = nearest_distances_global(flat[i], flat, flat_valid, budget_bytes=budget, index=others)
+        mine = valid[i].flatten()
+        torch.testing.assert_close(pairwise[i, others][:, mine], alone[:, mine], **_EXACTNESS["global"])
+        assert torch.isinf(pairwise[i, :, ~mine]).all()  # invalid tokens of i are never scored
+
+
 @pytest.mark.parametrize("matching", ["window", "global"])
 def test_index_argument_equals_gathered_references(matching):
     """References picked by ``index`` (gathered block by block) give what a gathered copy gives."""
@@ -247,9 +264,9 @@ def test_robust_threshold_errors():
 
 def test_mutual_scores_errors():
     tokens, valid = _cohort(seed=1)
-    with pytest.raises(ValueError, match="at least 3"):
-        mutual_scores(tokens[:2], valid[:2])
+    with pytest.raises(ValueError, match="at least 2"):
+        mutual_scores(tokens[:1], valid[:1])
     with pytest.raises(ValueError, match="matching"):
         mutual_scores(tokens, valid, matching="nearest")
-    # exactly three subjects is enough
-    assert mutual_scores(tokens[:3], valid[:3]).shape == (3, *GRID)
+    # two subjects are enough for the scoring itself (a cohort run asks for 3; a bank's statistics may have 2)
+    assert mutual_scores(tokens[:2], valid[:2]).shape == (2, *GRID)

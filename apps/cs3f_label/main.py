@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from typing import Any, Dict
 
 import monailabel
@@ -20,6 +21,7 @@ from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.utils.others.class_utils import get_class_names
 
 import lib.configs  # noqa: F401  (imported while MONAI Label has the app folder on sys.path)
@@ -27,8 +29,9 @@ import lib.configs.cs3f  # noqa: F401
 import lib.engine  # noqa: F401
 import lib.infers  # noqa: F401
 from lib import http_policy
-from lib.engine import CS3FError
+from lib.dicomweb import CS3FDICOMWebDatastore
 from lib.infers.anomaly import IMAGE_ID_KEY, UPLOAD_KEY, CS3FBatchInfer
+from lib.request import CS3FError
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +45,13 @@ class CS3FApp(MONAILabelApp):
         if invalid:
             raise ValueError(f"--conf models: unknown {invalid}; available: all, {', '.join(sorted(configs))}")
         self.studies_arg = studies
+        # dcmqi's itkimage2segimage (a pip package's script, beside this Python) turns saved labels into DICOM SEG for
+        # a DICOMweb datastore; MONAI Label finds it on PATH instead of downloading it
+        scripts_dir = os.path.dirname(sys.executable)
+        if scripts_dir not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = os.pathsep.join([scripts_dir, os.environ.get("PATH", "")])
+        self.refresh_s = float(conf.get("refresh_s", 60))
+        self._listed_at = -float("inf")
         server = sys.modules.get("monailabel.app")  # loaded when serving; absent in batch subprocesses and scripts
         if server is not None:
             http_policy.install(server.app, conf, UPLOAD_KEY)
@@ -55,10 +65,16 @@ class CS3FApp(MONAILabelApp):
             studies=studies,
             conf=conf,
             name=f"CS3F zero-shot anomaly detection (MONAI Label {monailabel.__version__})",
-            description="Training-free, zero-shot 3D anomaly detection: each study is scored against the other studies "
-            "of the datastore (CS3F bundle).",
+            description="Training-free, zero-shot 3D anomaly detection: each study is scored against the studies of "
+            "the same kind in the datastore (CS3F bundle).",
             version="1.0",
         )
+
+    def init_datastore(self):
+        datastore = super().init_datastore()
+        if type(datastore) is DICOMWebDatastore:  # the same datastore, saying why a label cannot be stored
+            datastore.__class__ = CS3FDICOMWebDatastore
+        return datastore
 
     def init_infers(self) -> Dict[str, InferTask]:
         remote = self.studies_arg.startswith(("http://", "https://"))
@@ -80,46 +96,72 @@ class CS3FApp(MONAILabelApp):
                 infers[key] = task
         return infers
 
+    def init_strategies(self) -> Dict[str, Strategy]:
+        strategies: Dict[str, Strategy] = {}
+        for config in self.task_configs.values():
+            found = config.strategy()
+            strategies.update(found if isinstance(found, dict) else {config.name: found} if found else {})
+        return strategies
+
     def init_batch_infer(self):
         return CS3FBatchInfer()
 
-    def _download_dcmqi_tools(self):
-        # dcmqi only converts saved labels to DICOM SEG for a DICOMweb datastore; offline, start without it
+    def _refresh(self, datastore) -> None:
+        """Studies added a moment ago are seen: a local folder is read again; a DICOMweb server's series list is
+        searched again once it is older than ``refresh_s`` (MONAI Label keeps it for
+        MONAI_LABEL_DICOMWEB_CACHE_EXPIRY, two hours by default)."""
         try:
-            super()._download_dcmqi_tools()
+            if isinstance(datastore, DICOMWebDatastore):
+                now = time.monotonic()
+                if now - self._listed_at > self.refresh_s:
+                    DICOMWebDatastore.list_images.cache_clear()
+                    DICOMWebDatastore.get_labeled_images.cache_clear()
+                    self._listed_at = now
+            elif isinstance(datastore, LocalDatastore):
+                datastore.refresh()
         except Exception as err:
-            logger.warning(f"dcmqi tools not available ({err}); labels cannot be saved back as DICOM SEG")
+            logger.warning(f"datastore refresh failed: {err}")
 
-    def _refresh_local(self, datastore) -> None:
-        if isinstance(datastore, LocalDatastore) and not isinstance(datastore, DICOMWebDatastore):
-            try:
-                datastore.refresh()  # studies copied in a moment ago are references too
-            except Exception as err:
-                logger.warning(f"datastore refresh failed: {err}")
+    def next_sample(self, request):
+        self._refresh(self.datastore())
+        return super().next_sample(request)
 
     def infer(self, request: Dict[str, Any], datastore=None):
         datastore = datastore if datastore else self.datastore()
-        request = dict(request)
-        model = request.get("model")
-        image = request.get("image")
+        request = self._checked(dict(request), datastore)
+        try:
+            return super().infer(request, datastore)
+        except HTTPException:
+            raise
+        except CS3FError as err:
+            logger.error(f"anomaly {request.get('image')!r}: {err.message}")
+            raise HTTPException(status_code=err.status, detail=err.message) from err
+        except Exception as err:
+            logger.exception(f"anomaly {request.get('image')!r} failed")
+            raise HTTPException(status_code=500, detail=f"CS3F inference failed: {type(err).__name__}: {err}") from err
+
+    def _checked(self, request: Dict[str, Any], datastore) -> Dict[str, Any]:
+        """The request with its study named by a datastore id (or the server's own upload), or an HTTP error."""
+        model, image, tag = request.get("model"), request.get("image"), request.get("label_tag")
         if model not in self._infers:
             raise HTTPException(
                 status_code=404, detail=f"unknown model {model!r}; this server has: {', '.join(sorted(self._infers))}"
             )
-        tag = request.get("label_tag")
-        tag_problem = http_policy.plain_name_problem(tag, "label_tag") if tag is not None else None
-        if tag_problem:
-            raise HTTPException(status_code=400, detail=tag_problem)
+        problem = http_policy.plain_name_problem(tag, "label_tag") if tag is not None else None
         if request.get(UPLOAD_KEY) is True:  # a file the server's own route received into its private folder
             request[IMAGE_ID_KEY] = "upload"
             request["save_label"] = False  # an upload is not a datastore study: there is nothing to save a label to
-        elif isinstance(image, str):
-            self._refresh_local(datastore)
-            if not image:
-                raise HTTPException(status_code=400, detail="no study given: pass ?image=<image id>")
-            problem = http_policy.plain_name_problem(image, "image")
-            if problem:
-                raise HTTPException(status_code=400, detail=problem)
+        elif not isinstance(image, str):
+            problem = problem or "the study must be given as an image id (?image=<id>)"
+        elif not image:
+            problem = problem or "no study given: pass ?image=<image id>"
+        else:
+            problem = problem or http_policy.plain_name_problem(image, "image")
+            request[IMAGE_ID_KEY] = image
+        if problem:
+            raise HTTPException(status_code=400, detail=problem)
+        if request.get(UPLOAD_KEY) is not True:
+            self._refresh(datastore)
             known = datastore.list_images()
             if image not in known:  # ids only: a path, even one the server can read, is not a study
                 shown = ", ".join(sorted(known)[:10]) + (" ..." if len(known) > 10 else "")
@@ -127,18 +169,6 @@ class CS3FApp(MONAILabelApp):
                     status_code=404,
                     detail=f"unknown image id {image!r}: the datastore has no such study ({len(known)} studies: {shown})",
                 )
-            request[IMAGE_ID_KEY] = image
-        else:
-            raise HTTPException(status_code=400, detail="the study must be given as an image id (?image=<id>)")
         if str(request.get("heatmap", "false")).lower() in ("1", "true", "yes"):
             request["save_label"] = False  # the float heat map is for API clients, never stored as a label
-        try:
-            return super().infer(request, datastore)
-        except HTTPException:
-            raise
-        except CS3FError as err:
-            logger.error(f"anomaly {image!r}: {err.message}")
-            raise HTTPException(status_code=err.status, detail=err.message) from err
-        except Exception as err:
-            logger.exception(f"anomaly {image!r} failed")
-            raise HTTPException(status_code=500, detail=f"CS3F inference failed: {type(err).__name__}: {err}") from err
+        return request

@@ -2,6 +2,7 @@
 
 from . import (  # noqa: F401  (config expressions refer to them as ``scripts.<module>``)
     backbones,
+    bank,
     cohort,
     cohort_report,
     command_line,

@@ -34,13 +34,22 @@ class SettingsError(ValueError):
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
+    from .bank import BankError
     from .engines import CohortError
     from .outputs import OutputExistsError
     from .run_folder import OutputFolderError
     from .transforms import CohortInputError
     from .weights import WeightsNotFoundError
 
-    return SettingsError, CohortError, CohortInputError, OutputExistsError, OutputFolderError, WeightsNotFoundError
+    return (
+        SettingsError,
+        CohortError,
+        CohortInputError,
+        OutputExistsError,
+        OutputFolderError,
+        WeightsNotFoundError,
+        BankError,
+    )
 
 
 def innermost(err: BaseException) -> BaseException:
@@ -149,7 +158,20 @@ def check_device(device: Any) -> None:
             raise SettingsError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
-def start(device: Any = None, argv: Sequence[str] | None = None) -> None:
+def check_grid(grid_size: Any, slice_depth: Any) -> None:
+    """A grid that tokens do not tile would fail every subject, one by one, after encoding: refuse it up front."""
+    size, depth = int(grid_size), int(slice_depth)
+    if size < depth or size % depth:
+        near = sorted({max(depth, depth * (size // depth)), depth * (size // depth + 1)})
+        raise SettingsError(
+            f"--grid_size {size}: must be a multiple of slice_depth {depth} (the depth of a token), e.g. "
+            + " or ".join(map(str, near))
+        )
+
+
+def start(
+    device: Any = None, grid_size: Any = None, slice_depth: Any = None, argv: Sequence[str] | None = None
+) -> None:
     """First item of a config's ``run`` list: the checks and the error hook described in the module docstring."""
     argv = list(sys.argv if argv is None else argv)
     if len(argv) > 1 and argv[1] == "run" and argv[0].replace(os.sep, "/").endswith("monai/bundle/__main__.py"):
@@ -161,3 +183,5 @@ def start(device: Any = None, argv: Sequence[str] | None = None) -> None:
             check_overrides(ConfigParser.load_config_files(_config_files(overrides["config_file"])), overrides)
     if device is not None:
         check_device(device)
+    if grid_size is not None and slice_depth is not None:
+        check_grid(grid_size, slice_depth)

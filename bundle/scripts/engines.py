@@ -34,6 +34,8 @@ from monai.engines.utils import IterationEvents
 from monai.utils import IgniteInfo, min_version, optional_import
 from torch.utils.data import DataLoader
 
+from .allocator import keep_freed_memory
+from .bank import ReferenceBank
 from .cohort_report import write_cohort_report
 from .data import CohortDataset, root_cause
 from .distributed import all_gather, init_process_group, rank_and_world
@@ -43,7 +45,7 @@ from .postprocessing import in_memory
 from .run_folder import RunFolder, check_output_dir
 from .run_report import RunReport, backbone_note, previous_results, versions, weights_line, weights_record
 from .scoring import robust_threshold
-from .token_cache import bundle_version, file_digest, files_intact
+from .token_cache import bundle_version, file_digest, files_intact, token_fingerprint
 from .values import as_bool
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
@@ -148,7 +150,8 @@ class TokenEncoder(SupervisedEvaluator):
             if "entry" in item:
                 encoded = Encoded(subject, item["entry"], item["digests"], from_cache=True)
             else:
-                entry = self.inferer.encode_subject(item["image"], item["mask"], self.network)
+                with keep_freed_memory():  # the ViT's batch temporaries are reused, not faulted in again
+                    entry = self.inferer.encode_subject(item["image"], item["mask"], self.network)
                 entry["geometry"] = keep_geometry(item)
                 self.token_cache.save(subject, entry)
                 encoded = Encoded(subject, entry, item["digests"])
@@ -185,6 +188,8 @@ class CohortEvaluator(SupervisedEvaluator):
         settings: the public configuration, recorded in ``run.json`` and in each subject's result key.
         overview: whether the postprocessing writes ``<id>_overview.png`` (part of a subject's files).
         distributed: join the ``torchrun`` process group and shard the work across its processes.
+        reference_bank: score each subject against this bank (``bank.ReferenceBank``) instead of against the other
+            subjects: one subject is enough, and the operating threshold is the bank's.
     """
 
     def __init__(
@@ -202,6 +207,7 @@ class CohortEvaluator(SupervisedEvaluator):
         settings: Mapping[str, Any] | None = None,
         overview: bool = True,
         distributed: bool = False,
+        reference_bank: ReferenceBank | None = None,
     ) -> None:
         self.cohort: list[tuple[int, Encoded]] = []  # the writing pass's data: (index in the cohort, subject)
         super().__init__(
@@ -223,6 +229,7 @@ class CohortEvaluator(SupervisedEvaluator):
         self.settings = dict(settings or {})
         self.overview = as_bool(overview, "write_overview")
         self.distributed = as_bool(distributed, "distributed")
+        self.bank = reference_bank
         self.report: RunReport | None = None
         self.scores = torch.empty(0)
         self.cohort_threshold = float("nan")
@@ -252,28 +259,30 @@ class CohortEvaluator(SupervisedEvaluator):
         datalist = self.encoder.data_loader.dataset.data
         refuse_existing(self.output_dir, [s["subject"] for s in datalist], self.overwrite)
         usable = [s for s in datalist if "error" not in s]
-        if len(usable) < MIN_SUBJECTS:  # before hours of encoding
+        if len(usable) < self.min_subjects:  # before hours of encoding
             raise CohortError(
                 f"{len(usable)} subject(s) found in {self.dataset_dir} with image_pattern "
                 f"{self.settings.get('image_pattern')!r}"
                 + (f" and mask_pattern {self.settings['mask_pattern']!r}" if self.settings.get("mask_pattern") else "")
-                + f"; cross-subject scoring needs at least {MIN_SUBJECTS}."
+                + f"; {self.needs}."
                 + "".join(f" {s['error']}." for s in datalist if "error" in s)
             )
+        self._check_bank(weights_known=False)
 
         tick = time.perf_counter()
         self.encoder.run()  # each process encodes its shard (the data loader's sampler); all then hold every token
         report.backbone = weights_line(self.network.encoder)  # the weights are loaded when the encoder starts
+        self._check_bank(weights_known=True)
         shards = all_gather((self.encoder.encoded, self.encoder.problems))
         order = {s["subject"]: i for i, s in enumerate(datalist)}
         encoded = sorted((e for shard, _ in shards for e in shard), key=lambda e: order.get(e.subject["subject"], -1))
         self.cache_use = {"hits": sum(e.from_cache for e in encoded), "misses": sum(not e.from_cache for e in encoded)}
         report.problems += [p for _, problems in shards for p in problems]
         report.timings["encode_s"] = time.perf_counter() - tick
-        if len(encoded) < MIN_SUBJECTS:
+        if len(encoded) < self.min_subjects:
             raise CohortError(
-                f"{len(encoded)} usable subject(s) in {self.dataset_dir}; cross-subject scoring needs at least "
-                f"{MIN_SUBJECTS}." + "".join(f"\n  - {p}" for p in report.problems)
+                f"{len(encoded)} usable subject(s) in {self.dataset_dir}; {self.needs}."
+                + "".join(f"\n  - {p}" for p in report.problems)
             )
 
         tick = time.perf_counter()
@@ -281,11 +290,16 @@ class CohortEvaluator(SupervisedEvaluator):
             folder.mark_incomplete()  # before any process can write: the gather of the scores waits for this one
         mine = list(range(rank, len(encoded), world))
         self.scores = self._gather_scores(encoded, mine)
-        report.threshold = self.cohort_threshold = robust_threshold(
-            self.scores, self.threshold["method"], self.threshold["value"]
-        )
-        finite = self.scores[torch.isfinite(self.scores)]
-        self.heat_scale = float(finite.max()) if finite.numel() else None
+        if self.bank is not None:  # the reference statistics: independent of the other subjects of this run
+            statistics = self.bank.statistics_for(
+                self.inferer, self.network, self.threshold, self.settings.get("top_fraction", 0.01)
+            )
+            self.cohort_threshold, self.heat_scale = statistics["threshold"], statistics["max"]
+        else:
+            self.cohort_threshold = robust_threshold(self.scores, self.threshold["method"], self.threshold["value"])
+            finite = self.scores[torch.isfinite(self.scores)]
+            self.heat_scale = float(finite.max()) if finite.numel() else None
+        report.threshold = self.cohort_threshold
         report.timings["score_s"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
@@ -314,10 +328,33 @@ class CohortEvaluator(SupervisedEvaluator):
             folder.mark_complete()
         return report
 
+    @property
+    def min_subjects(self) -> int:
+        return 1 if self.bank is not None else MIN_SUBJECTS
+
+    @property
+    def needs(self) -> str:
+        """What the run needs, in words, for messages."""
+        if self.bank is not None:
+            return "scoring against the reference bank needs at least one study"
+        return f"cross-subject scoring needs at least {MIN_SUBJECTS}"
+
+    def _check_bank(self, weights_known: bool) -> None:
+        """Refuse a reference bank built with other settings: before encoding on all but the weights (not loaded
+        yet), after it on everything."""
+        if self.bank is not None:
+            preprocessing = self.encoder.data_loader.dataset.transform
+            run = token_fingerprint(self.settings, self.network, preprocessing, require_weights=weights_known)
+            self.bank.check(run, ignore=() if weights_known else ("weights", "pretrained"))
+
     def _gather_scores(self, encoded: list[Encoded], mine: list[int]) -> torch.Tensor:
-        """Token scores of every subject (each process scores its share against the whole cohort)."""
+        """Token scores of every subject (each process scores its share against the whole cohort, or the bank)."""
         scores = torch.empty(0)
-        part = self.inferer.score_entries([e.entry for e in encoded], self.network, mine)
+        if self.bank is not None:
+            one = [self.bank.scores(self.inferer, self.network, encoded[i].entry) for i in mine]
+            part = torch.stack(one) if one else self.inferer.score_entries([e.entry for e in encoded], self.network, [])
+        else:
+            part = self.inferer.score_entries([e.entry for e in encoded], self.network, mine)
         for indices, shard in all_gather((mine, part)):
             scores = shard.new_full((len(encoded), *shard.shape[1:]), torch.nan) if not scores.numel() else scores
             scores[indices] = shard
@@ -347,6 +384,7 @@ class CohortEvaluator(SupervisedEvaluator):
             json.dumps(
                 {
                     "settings": self.settings,
+                    "reference_bank": self.bank.identity if self.bank is not None else None,
                     "overview": self.overview,
                     "heat_scale": self.heat_scale if self.overview else None,
                     "threshold": self.cohort_threshold,
@@ -439,6 +477,7 @@ class CohortEvaluator(SupervisedEvaluator):
                     "note": backbone_note(encoder),
                 },
                 "threshold": {**self.threshold, "score": report.threshold},
+                "reference_bank": self.bank.record() if self.bank is not None else None,
                 "subjects_written": len(report.subjects),
                 "subjects_kept": len(report.kept),
                 "token_cache": {"dir": str(cache.cache_dir or ""), **self.cache_use, "failure": cache.failure},

@@ -20,6 +20,7 @@ __all__ = [
     "window_offsets",
     "nearest_distances_window",
     "nearest_distances_global",
+    "pairwise_distances_global",
     "mean_of_closest",
     "mutual_scores",
     "fine_scores",
@@ -41,7 +42,9 @@ def block_bytes(budget_bytes: int) -> int:
 
 
 def num_closest(alpha: float, num_subjects: int) -> int:
-    """How many of the other ``num_subjects - 1`` subjects a token score averages over."""
+    """How many of the other ``num_subjects - 1`` subjects a token score averages over: ``alpha`` of them, rounded
+    up, so at least one and never fewer than ``alpha`` of them. MuSc rounds down (``int``), which averages no
+    subject at N = 3 and 2 instead of 3 at N = 8, alpha 0.3; small cohorts are common here."""
     if not 0 < alpha <= 1:
         raise ValueError(f"alpha must be in (0, 1], got {alpha}")
     return max(1, math.ceil(alpha * (num_subjects - 1)))
@@ -157,17 +160,61 @@ def nearest_distances_global(
     matched = torch.zeros((len(index), t), dtype=torch.long, device=query.device)
     for m, j in enumerate(index.tolist()):
         valid_index = ref_valid[j].nonzero()[:, 0]
-        candidates = refs[j][valid_index]
+        candidates = refs[j].contiguous()[valid_index]  # one contiguous copy (refs may be a transposed view)
         if candidates.shape[0] == 0:
             continue
         candidates_sq = candidates.square().sum(1)
         rows = max(1, block_bytes(budget_bytes) // (candidates.shape[0] * _BYTES))
         for start in range(0, t, rows):
             sl = slice(start, start + rows)
-            nearest = torch.addmm(candidates_sq, query[sl], candidates.T, alpha=-2).min(dim=1)
-            out[m, sl] = (nearest.values + query_sq[sl]).clamp_(min=0).sqrt_()
-            matched[m, sl] = valid_index[nearest.indices]
+            products = torch.addmm(candidates_sq, query[sl], candidates.T, alpha=-2)
+            if return_match:
+                nearest = products.min(dim=1)
+                out[m, sl], matched[m, sl] = nearest.values, valid_index[nearest.indices]
+            else:  # no index work when no match is asked for
+                out[m, sl] = products.amin(dim=1)
+        out[m].add_(query_sq).clamp_(min=0).sqrt_()
     return (out, matched) if return_match else out
+
+
+def pairwise_distances_global(tokens: torch.Tensor, valid: torch.Tensor, budget_bytes: int = 256 << 20) -> torch.Tensor:
+    """Nearest distances between every pair of subjects, each pair's distance matrix computed once.
+
+    Scoring a whole cohort needs, for every ordered pair (i, j), the distance from each token of i to the nearest
+    valid token of j. The squared distances of i's and j's valid tokens form one matrix: its row minima are i's
+    distances to j and its column minima j's distances to i, so each unordered pair costs one matrix product
+    instead of two. Blocks of rows are bounded by ``budget_bytes`` as in ``nearest_distances_global``.
+
+    Args:
+        tokens: ``(N, T, C)`` tokens of every subject (a view is fine: valid tokens are copied once per subject).
+        valid: ``(N, T)`` bool.
+        budget_bytes: bound on the distance block held at once.
+
+    Returns:
+        ``(N, N, T)`` L2 distances: ``[i, j, t]`` from token t of i to its nearest valid token of j; ``inf`` on the
+        diagonal, for invalid tokens of i and where j has no valid token.
+    """
+    n, t, _ = tokens.shape
+    out = torch.full((n, n, t), math.inf, device=tokens.device)
+    index = [valid[i].nonzero()[:, 0] for i in range(n)]
+    points = [tokens[i].contiguous()[index[i]] for i in range(n)]  # valid tokens, contiguous, copied once
+    squares = [p.square().sum(1) for p in points]
+    for i in range(n):
+        for j in range(i + 1, n):
+            a, b = points[i], points[j]
+            if a.shape[0] == 0 or b.shape[0] == 0:
+                continue
+            rows = max(1, block_bytes(budget_bytes) // (b.shape[0] * _BYTES))
+            to_j = torch.empty(a.shape[0], device=tokens.device)
+            to_i = torch.full((b.shape[0],), math.inf, device=tokens.device)
+            for start in range(0, a.shape[0], rows):
+                sl = slice(start, start + rows)
+                squared = torch.addmm(squares[j], a[sl], b.T, alpha=-2).add_(squares[i][sl, None])
+                to_j[sl] = squared.amin(dim=1)
+                torch.minimum(to_i, squared.amin(dim=0), out=to_i)
+            out[i, j, index[i]] = to_j.clamp_(min=0).sqrt_()
+            out[j, i, index[j]] = to_i.clamp_(min=0).sqrt_()
+    return out
 
 
 def mean_of_closest(distances: torch.Tensor, k: int) -> torch.Tensor:
@@ -211,16 +258,27 @@ def mutual_scores(
     if matching not in MATCHING_MODES:
         raise ValueError(f"matching must be one of {MATCHING_MODES}, got {matching!r}")
     n = tokens.shape[0]
-    if n < 3:
-        raise ValueError(f"cross-subject scoring needs at least 3 subjects, got {n}")
+    if n < 2:  # a cohort run asks for 3 (engines.MIN_SUBJECTS); a bank's own statistics may have 2 references
+        raise ValueError(f"cross-subject scoring needs at least 2 subjects (one scored, one to compare with), got {n}")
     k = num_closest(alpha, n)
     grid = tokens.shape[2:]
     flat = tokens.flatten(2).transpose(1, 2) if matching == "global" else None  # (N, T, C), a view
     flat_valid = valid.flatten(1)
+    # the whole cohort in global mode: each pair's distances once, when all of them fit the budget
+    pairwise = (
+        pairwise_distances_global(flat, flat_valid, budget_bytes)
+        if flat is not None
+        and subjects is None
+        and not return_selection
+        and n * n * flat.shape[1] * _BYTES <= budget_bytes
+        else None
+    )
     scores, chosen, matches = [], [], []
     for i in range(n) if subjects is None else subjects:
         others = torch.tensor([j for j in range(n) if j != i], device=tokens.device)
-        if flat is None:
+        if pairwise is not None:
+            found = pairwise[i, others]
+        elif flat is None:
             found = nearest_distances_window(tokens[i], tokens, valid, radius, budget_bytes, return_selection, others)
         else:
             found = nearest_distances_global(flat[i], flat, flat_valid, budget_bytes, return_selection, others)

@@ -82,21 +82,25 @@ SCORING_ONLY = frozenset(
         "weights_path",
         "fine_margin",
         "fusion",
+        "reference_bank",  # what the tokens are scored against, not what shapes them (a bank may be moved)
     }
 )
 
 
-def token_fingerprint(settings: Mapping[str, Any], network: Any, preprocessing: Any = None) -> dict[str, Any]:
+def token_fingerprint(
+    settings: Mapping[str, Any], network: Any, preprocessing: Any = None, require_weights: bool = True
+) -> dict[str, Any]:
     """What shapes the tokens: every run setting except the scoring-only ones, the encoder's identity, and the
     resolved ``preprocessing`` and ``network`` (the tokenizer) themselves.
 
     The settings alone are not enough: any value of the config can be overridden (``--preprocessing#transforms#11#upper
     60``), so the parameters of every preprocessing transform and of the tokenizer are described from the objects
     the run actually uses (see ``describe``). The weights are identified by their content (the SHA-256 computed when
-    they were found), not their path; an encoder whose weights are not loaded yet has no fingerprint.
+    they were found), not their path; an encoder whose weights are not loaded yet has no fingerprint, unless
+    ``require_weights`` is false (then ``weights`` and ``pretrained`` say nothing yet: for early checks).
     """
     encoder = network.encoder
-    if not encoder.ready:
+    if require_weights and not encoder.ready:
         raise RuntimeError(
             f"backbone {encoder.name!r}: its weights are not loaded yet (the bundle's weights_loader "
             "loads them when the encoder starts)"

@@ -1,0 +1,3 @@
+"""Active-learning strategies of the app."""
+
+from .most_anomalous import MostAnomalousFirst  # noqa: F401

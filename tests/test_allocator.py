@@ -1,0 +1,38 @@
+"""The encoder's allocator setting: freed memory is kept while encoding and handed back afterwards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scripts.allocator import _LIBC, keep_freed_memory
+
+pytestmark = pytest.mark.skipif(_LIBC is None, reason="glibc's mallopt is only on Linux with glibc")
+BLOCK_MB = 256
+
+
+def _resident_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def _touch_and_free() -> None:
+    block = np.ones(BLOCK_MB << 18)  # 256 MB of float64, every page written
+    del block
+
+
+def test_freed_memory_is_kept_inside_and_returned_after():
+    _LIBC.malloc_trim(0)
+    before = _resident_mb()
+    _touch_and_free()
+    assert _resident_mb() - before < BLOCK_MB / 4, "outside the block, glibc returns a large block at once"
+    with keep_freed_memory():
+        with keep_freed_memory():  # nested (a server encoding inside a request): the outermost block decides
+            _touch_and_free()
+        kept = _resident_mb() - before
+        assert kept > BLOCK_MB * 3 / 4, f"freed memory was returned inside the block ({kept:.0f} MB kept)"
+    assert _resident_mb() - before < BLOCK_MB / 4, "the memory kept was not handed back on leaving the block"
