@@ -42,3 +42,39 @@ def test_one_measurement_reports_time_and_memory(perf):
 
 def test_matmul_ceiling_is_positive(perf):
     assert perf.matmul_flops("cpu", torch.float32, seconds=0.05, size=64) > 0
+
+
+def test_musc_peer_equals_global_scoring_when_both_average_as_many_subjects(perf):
+    """The peer (MuSc's compute_scores_fast, reimplemented) and CS3F's global matching answer the same question."""
+    n, grid, c = 8, (3, 4, 2), 5
+    tokens = torch.randn(n, c, *grid, generator=torch.Generator().manual_seed(0))
+    valid = torch.ones(n, *grid, dtype=torch.bool)
+    k = int(0.3 * (n - 1))
+    z = tokens.flatten(2).transpose(1, 2)
+    musc = torch.stack([perf.musc_scores(z, i, 0.3) for i in range(n)])
+    cs3f = mutual_scores(tokens, valid, (k - 0.5) / (n - 1), "global").flatten(1)
+    torch.testing.assert_close(cs3f, musc, rtol=1e-5, atol=1e-5)
+
+
+def test_peer_table_reports_the_load_ratio(perf):
+    rows = [
+        {
+            "shape": "3d",
+            "n": 8,
+            "impl": impl,
+            "competitors": load,
+            "s_per_subject": s * (2 if load else 1),
+            "s_per_subject_range": [s, s],
+            "working_mb": 1.0,
+            "checksum": 1.0,
+            "gflops_distances": 1.0,
+            "matmul_gflops": 100.0,
+            "read_gb_s": 10.0,
+            "threads": 1,
+        }
+        for load in (0, 2)
+        for impl, s in (("musc", 1.0), ("global", 0.25), ("window", 0.02))
+    ]
+    text = "\n".join(perf.peer_markdown(rows))
+    assert "| 16^3 x 64 | 8 | quiet | 1.000" in text and "2 busy processes" in text
+    assert "global 1.00, window 1.00" in text  # load costs both the same here

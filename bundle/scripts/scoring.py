@@ -4,7 +4,9 @@ A token of subject i is normal when the other subjects have something like it. F
 we take the distance to j's nearest valid token (within +-``radius`` grid positions in ``window`` mode,
 anywhere in ``global`` mode); the token's score is the mean of the ``ceil(alpha * (N - 1))`` smallest of
 those distances. Distances are computed in blocks of bounded size and reference subjects are gathered a block at a
-time, so the working memory stays flat whatever the cohort size.
+time, so the working memory stays flat whatever the cohort size. Scoring a whole cohort takes faster routes where
+they fit the memory budget: each pair's global distances once (``pairwise_distances_global``), window distances
+as tiled matrix products (``tiled_window``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from .tiled_window import TiledWindow, tiled_window_bytes
 
 __all__ = [
     "MATCHING_MODES",
@@ -273,11 +277,21 @@ def mutual_scores(
         and n * n * flat.shape[1] * _BYTES <= budget_bytes
         else None
     )
+    # window mode without selection: tiled matrix products, the references laid out once, when that fits the budget
+    tiled = (
+        TiledWindow(tokens, valid, radius, block_bytes(budget_bytes))
+        if flat is None
+        and not return_selection
+        and tiled_window_bytes(n, tokens.shape[1], tuple(grid), radius) <= budget_bytes
+        else None
+    )
     scores, chosen, matches = [], [], []
     for i in range(n) if subjects is None else subjects:
         others = torch.tensor([j for j in range(n) if j != i], device=tokens.device)
         if pairwise is not None:
             found = pairwise[i, others]
+        elif tiled is not None:
+            found = tiled.distances(i)[others]
         elif flat is None:
             found = nearest_distances_window(tokens[i], tokens, valid, radius, budget_bytes, return_selection, others)
         else:

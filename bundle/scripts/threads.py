@@ -1,0 +1,86 @@
+"""CPU threads for torch ops, chosen deliberately rather than left to the default.
+
+Big matrix products (the encoder, global matching) use every physical core. Scoring runs many medium-sized ops, each
+ending at a barrier where all threads wait for the slowest: on a machine shared with other busy processes a thread
+that loses its core stalls every op, and two threads can be slower than one (``benchmarks/perf.py --only peer``
+measures this: window scoring 3x slower with two threads than with one next to two busy processes, 1.7x faster on
+a quiet machine). Which count is faster depends on the load at the time, so :class:`FastestThreadCount` measures it on
+the run's own work: the first repeated units run once under each candidate, the rest under the fastest. Results do not
+depend on the thread count (tested).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+
+__all__ = ["physical_cores", "torch_threads", "FastestThreadCount"]
+
+logger = logging.getLogger(__name__)
+Result = TypeVar("Result")
+
+
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may run on (hyper-threads share a core's arithmetic units)."""
+    cpus = os.sched_getaffinity(0)
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text(), (topology / "core_id").read_text()))
+        except OSError:  # no topology exposed (some containers): count every CPU
+            return len(cpus)
+    return max(1, len(cores))
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the body with ``count`` intra-op threads, restoring the previous count after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class FastestThreadCount:
+    """Run repeated units of work (say, the scoring of each token group) under the fastest of a few thread counts.
+
+    The first units run once under each candidate and are timed; every later unit runs under the fastest. No work is
+    repeated: the trial units' results are the results. Meant for units of similar cost.
+
+    Args:
+        candidates: thread counts to try, in order (default: all physical cores, then one).
+    """
+
+    def __init__(self, candidates: Sequence[int] | None = None) -> None:
+        self.candidates = list(dict.fromkeys(candidates or (physical_cores(), 1)))
+        self.seconds: dict[int, float] = {}
+
+    @property
+    def chosen(self) -> int | None:
+        """The fastest count once every candidate was timed, else ``None``."""
+        if len(self.seconds) < len(self.candidates):
+            return None
+        return min(self.seconds, key=self.seconds.__getitem__)
+
+    def __call__(self, unit: Callable[[], Result]) -> Result:
+        untried = [count for count in self.candidates if count not in self.seconds]
+        count = untried[0] if untried else self.chosen
+        with torch_threads(count):
+            start = time.perf_counter()
+            result = unit()
+            if untried:
+                self.seconds[count] = time.perf_counter() - start
+                if len(untried) == 1:
+                    timings = ", ".join(f"{c} threads {s:.3f} s" for c, s in self.seconds.items())
+                    logger.info("scoring threads: %d (first units: %s)", self.chosen, timings)
+        return result
