@@ -24,7 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,16 +63,21 @@ def matmul_flops(device: str, dtype: torch.dtype, seconds: float = 3.0, size: in
     clock that turbo clocks exceed, and no memory stalls)."""
     a = torch.rand(size, size, device=device, dtype=dtype)
     b = torch.rand(size, size, device=device, dtype=dtype)
-    torch.mm(a, b)
+    return calls_per_second(lambda: torch.mm(a, b), seconds, device) * 2 * size**3
+
+
+def calls_per_second(call: Callable[[], object], seconds: float, device: str = "cpu") -> float:
+    """How often ``call`` runs per second, after one warm-up call, over about ``seconds``."""
+    call()
     if device == "cuda":
         torch.cuda.synchronize()
     start, done = time.perf_counter(), 0
     while time.perf_counter() - start < seconds:
-        torch.mm(a, b)
+        call()
         done += 1
     if device == "cuda":
         torch.cuda.synchronize()
-    return done * 2 * size**3 / (time.perf_counter() - start)
+    return done / (time.perf_counter() - start)
 
 
 def vit_flops(model: torch.nn.Module, tokens: int) -> float:
@@ -327,9 +332,10 @@ def measure_peer(shape: str, n: int, impl: str, budget_mb: float, threads: int |
 
     # CS3F as the bundle runs it: the first units under each thread count, the rest under the faster (threads);
     # MuSc with torch's default threads, as it ships
-    run = FastestThreadCount() if impl != "musc" and not threads else (lambda unit: unit())
-    while getattr(run, "chosen", 0) is None:
-        run(score)  # the trials are the warm-up
+    chooser = FastestThreadCount() if impl != "musc" and not threads else None
+    run = chooser or (lambda unit: unit())
+    while chooser and chooser.chosen is None:
+        chooser(score)  # the trials are the warm-up
     run(score)  # warm-up under the chosen count
     base = memory_baseline()
     start = time.perf_counter()
@@ -340,7 +346,7 @@ def measure_peer(shape: str, n: int, impl: str, budget_mb: float, threads: int |
         "shape": shape,
         "n": n,
         "impl": impl,
-        "threads": getattr(run, "chosen", None) or torch.get_num_threads(),
+        "threads": chooser.chosen if chooser else torch.get_num_threads(),
         "s_per_subject": elapsed / n,
         "working_mb": max(0, peak - base) / 2**20,
         "checksum": float(out.double().sum()),
@@ -364,12 +370,7 @@ def competitors(count: int) -> Iterator[None]:
 def read_bandwidth(seconds: float = 2.0, size_mb: int = 256) -> float:
     """Bytes per second of one reduction streaming a tensor far larger than the caches."""
     x = torch.ones(size_mb << 18)
-    x.sum()
-    start, done = time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
-        x.sum()
-        done += 1
-    return done * x.numel() * 4 / (time.perf_counter() - start)
+    return calls_per_second(x.sum, seconds) * x.numel() * 4
 
 
 def bench_peer(args: argparse.Namespace) -> list[dict]:
