@@ -3,8 +3,10 @@
     python benchmarks/accuracy.py                                   # every preset whose data is here
     python benchmarks/accuracy.py --presets brats_flair --backbones dinov2_vits14 --grid_sizes 112 224
     python benchmarks/accuracy.py --presets brats_flair --backbones dinov2_vits14 --feature_blocks 2 5 8 11
+    python benchmarks/accuracy.py --presets mslub_flair --backbones dinov2_vits14 --skip_background_patches
 
-Rows are kept in ``benchmarks/results/accuracy.json`` by (preset, backbone, grid, matching, tokenization, ViT blocks):
+Rows are kept in ``benchmarks/results/accuracy.json`` by (preset, backbone, grid, matching, tokenization, ViT blocks,
+background patches skipped or not):
 a run adds or replaces its own rows and keeps the others, so the table can be filled in parts; every
 invocation's command is listed. ``accuracy.md`` is rendered from all rows.
 
@@ -88,7 +90,8 @@ def run_one(preset: str, backbone: str, grid: int, matching: str, tokenization: 
     work_dir = Path(args.work_dir)
     parser = preset_parser(preset, work_dir)
     blocks = f"-blocks{'_'.join(map(str, args.feature_blocks))}" if args.feature_blocks else ""
-    out = work_dir / f"{preset}-{backbone}-{grid}-{matching}-{tokenization}{blocks}"
+    skip = "-skip_background" if args.skip_background_patches else ""
+    out = work_dir / f"{preset}-{backbone}-{grid}-{matching}-{tokenization}{blocks}{skip}"
     parser.update(
         {
             "output_dir": str(out),
@@ -102,6 +105,7 @@ def run_one(preset: str, backbone: str, grid: int, matching: str, tokenization: 
             "grid_size": grid,
             "cache_dir": str(work_dir / "token_cache"),
             "fallback_backbone": None,
+            "skip_background_patches": args.skip_background_patches,
             **({"feature_blocks": args.feature_blocks} if args.feature_blocks else {}),
         }
     )
@@ -119,6 +123,7 @@ def run_one(preset: str, backbone: str, grid: int, matching: str, tokenization: 
         "grid_size": grid,
         "matching": matching,
         "tokenization": tokenization,
+        "skip_background": args.skip_background_patches,
         "seconds": time.perf_counter() - start,
         "encode_s": report.timings.get("encode_s"),
         "pooled": summary["pooled"],
@@ -188,7 +193,13 @@ def row_key(r: dict) -> tuple:
         r["matching"],
         r["tokenization"],
         tuple(r.get("blocks") or ()),
+        bool(r.get("skip_background")),
     )
+
+
+def _tokens(r: dict) -> str:
+    """A row's tokens cell: the tokenization, and whether background patches were left out of the encoder."""
+    return r["tokenization"] + (" · background patches skipped" if r.get("skip_background") else "")
 
 
 def _f(x, digits: int = 3) -> str:
@@ -241,7 +252,7 @@ def markdown(data: dict) -> str:
     for r in results:
         p = r["pooled"]
         lines.append(
-            f"| {r['preset']} | {_backbone(r)} | {r['grid_size'] or '–'} | {r['matching']} | {r['tokenization']} | "
+            f"| {r['preset']} | {_backbone(r)} | {r['grid_size'] or '–'} | {r['matching']} | {_tokens(r)} | "
             f"{_f(p['auroc'])} | {_f(p['average_precision'])} | {_f(p['best_dice'])} | {_f(p['dice_at_threshold'])} | "
             f"{_f(100 * p['flagged_fraction'], 2) + ' %' if np.isfinite(p['flagged_fraction']) else '–'} | "
             f"{_f(r['subject_auroc'])} | {r['seconds']:.0f} |"
@@ -262,7 +273,7 @@ def markdown(data: dict) -> str:
                 if sid.startswith(prefix):
                     lines.append(
                         f"| {r['preset']} | {_backbone(r)} | {r['grid_size'] or '–'} | {r['matching']} | "
-                        f"{r['tokenization']} | {sid} | {_f(m['auroc'])} | {_f(m['average_precision'])} | "
+                        f"{_tokens(r)} | {sid} | {_f(m['auroc'])} | {_f(m['average_precision'])} | "
                         f"{_f(m['best_dice'])} |"
                     )
     if data.get("skipped"):
@@ -279,6 +290,9 @@ def main() -> None:
     ap.add_argument("--tokenization", nargs="+", default=["coarse", "coarse_to_fine"])
     ap.add_argument(
         "--feature_blocks", nargs="+", type=int, help="ViT blocks to take features from (default: the bundle's)"
+    )
+    ap.add_argument(
+        "--skip_background_patches", action="store_true", help="leave the patches outside the mask out of the ViT"
     )
     ap.add_argument("--no_baseline", action="store_true", help="skip the image-intensity baseline rows")
     ap.add_argument("--work_dir", default="/tmp/cs3f_accuracy")

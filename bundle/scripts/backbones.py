@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .foreground_patches import forward_foreground_patches, patches_with_foreground
 from .weights import SOURCES, Weights, load_state_dict
 
 __all__ = [
@@ -63,6 +64,8 @@ class SliceEncoder(nn.Module):
             (raw intensities, where the magnitude is the signal).
         weights: the checkpoint loaded and its identity (``None`` when there is none).
         warning: why this encoder is not the one that was asked for (empty when it is).
+        skips_background: whether ``forward`` can leave out the patches that hold no foreground pixel (its
+            ``foreground`` argument); the others encode every patch of every slice.
     """
 
     name: str
@@ -72,6 +75,7 @@ class SliceEncoder(nn.Module):
     normalize: bool
     weights: Weights | None = None
     warning: str = ""
+    skips_background: bool = False
 
     @property
     def pretrained(self) -> bool:
@@ -120,7 +124,10 @@ def evenly_spaced_blocks(depth: int, count: int) -> list[int]:
 
 class ViTSliceEncoder(RGBSliceEncoder):
     """A timm ViT that returns the patch tokens of several blocks as NCHW maps; its input is normalised with
-    the ImageNet statistics DINOv2 was trained with."""
+    the ImageNet statistics DINOv2 was trained with. It can leave the patches outside the foreground out of its
+    token sequence (``forward``'s ``foreground``)."""
+
+    skips_background = True
 
     def __init__(self, model: nn.Module, name: str, blocks: Sequence[int], weights: Weights | None = None) -> None:
         super().__init__(IMAGENET_MEAN, IMAGENET_STD)
@@ -132,18 +139,50 @@ class ViTSliceEncoder(RGBSliceEncoder):
         self.out_dims = [int(model.embed_dim)] * self.num_outputs
         self.normalize = True
         self.weights = weights
+        # private (left out of the token fingerprint): blank-slice features per slice size, device and precision,
+        # and how many patches were given with a foreground / computed
+        self._blank_cache: dict[tuple, list[torch.Tensor]] = {}
+        self._patches_seen = self._patches_computed = 0
         self.freeze()
 
     def load_checkpoint(self, weights: Weights) -> ViTSliceEncoder:
         load_vit_weights(self.model, weights.path)
         self.weights = weights
+        self._blank_cache.clear()
         return self.freeze()
 
-    def forward(self, slices: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, slices: torch.Tensor, foreground: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Feature maps of ``slices``; with ``foreground`` ``(S, 1, H, W)``, the patches without a foreground pixel
+        are not computed and get the features of a blank slice (see ``foreground_patches``)."""
+        if foreground is None:
+            return self._all_patches(self.network_input(slices))
+        keep = patches_with_foreground(foreground, self.patch_size)
+        self._patches_seen += keep.numel()
+        self._patches_computed += int(keep.sum())
+        if keep.all():
+            return self._all_patches(self.network_input(slices))
+        fill = self._blank_features(slices)
+        if not keep.any():
+            return [f.expand(slices.shape[0], -1, -1, -1).contiguous() for f in fill]
+        return forward_foreground_patches(self.model, self.network_input(slices), keep, self.blocks, fill)
+
+    def computed_patch_fraction(self) -> float:
+        """Of the patches given with a foreground so far, the fraction that was computed (1.0 when none was)."""
+        return self._patches_computed / self._patches_seen if self._patches_seen else 1.0
+
+    def _all_patches(self, images: torch.Tensor) -> list[torch.Tensor]:
         # blocks after the last one used are never run
         return self.model.forward_intermediates(
-            self.network_input(slices), indices=self.blocks, output_fmt="NCHW", intermediates_only=True, stop_early=True
+            images, indices=self.blocks, output_fmt="NCHW", intermediates_only=True, stop_early=True
         )
+
+    def _blank_features(self, slices: torch.Tensor) -> list[torch.Tensor]:
+        """The features of an all-zero slice of this size, under the current autocast: what a skipped patch gets."""
+        dtype = torch.get_autocast_dtype(slices.device.type) if torch.is_autocast_enabled(slices.device.type) else None
+        key = (*slices.shape[-2:], str(slices.device), dtype)
+        if key not in self._blank_cache:
+            self._blank_cache[key] = self._all_patches(self.network_input(slices.new_zeros(1, 1, *slices.shape[-2:])))
+        return self._blank_cache[key]
 
 
 class CNNSliceEncoder(RGBSliceEncoder):

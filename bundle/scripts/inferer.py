@@ -75,7 +75,9 @@ class CohortInferer(Inferer):
     def encode_subject(self, volume: torch.Tensor, mask: torch.Tensor, network: nn.Module) -> dict[str, Any]:
         """All that scoring needs of one subject: ``tokens`` and ``valid``, plus ``fine`` and ``fine_valid``
         (one entry per axis, fine tokens kept in float16) when the network makes fine tokens."""
-        out = network.tokenize(plain_tensor(volume)[None].to(_device_of(network)))
+        device = _device_of(network)
+        foreground = (plain_tensor(mask) > 0.5)[None].to(device)
+        out = network.tokenize(plain_tensor(volume)[None].to(device), foreground=foreground)
         entry: dict[str, Any] = {
             "tokens": out["tokens"][0].cpu(),
             "valid": self.token_validity(mask, network.slice_depth),

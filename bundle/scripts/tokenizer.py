@@ -40,6 +40,9 @@ class MultiAxisTokenizer(nn.Module):
         amp: run the encoder under bfloat16 autocast (on CUDA this is the fast path; on CPU it works too).
         fine_depth: slices pooled into a fine token (coarse-to-fine tokenization), or ``None`` for coarse
             tokens only. Must divide ``slice_depth``; fine tokens come from the same encoder pass.
+        skip_background: with a ``foreground`` given to ``tokenize`` and an encoder that can
+            (``encoder.skips_background``, the ViTs), leave the patches without a foreground pixel out of the
+            encoder; they get the features of a blank slice.
     """
 
     def __init__(
@@ -52,6 +55,7 @@ class MultiAxisTokenizer(nn.Module):
         slice_batch: int = 32,
         amp: bool = False,
         fine_depth: int | None = None,
+        skip_background: bool = False,
     ) -> None:
         super().__init__()
         if slice_depth != encoder.patch_size:
@@ -69,6 +73,7 @@ class MultiAxisTokenizer(nn.Module):
         self.slice_depth = slice_depth
         self.slice_batch = slice_batch
         self.amp = as_bool(amp, "amp")
+        self.skip_background = as_bool(skip_background, "skip_background")
         widths = [int(w) for w in encoder.out_dims] * len(self.axes)  # per (axis, output) group
         self.channels = min(max(widths), proj_dim)
         self.num_groups = len(widths)
@@ -107,23 +112,33 @@ class MultiAxisTokenizer(nn.Module):
         return self.tokenize(volume)["tokens"]
 
     @torch.inference_mode()
-    def tokenize(self, volume: torch.Tensor) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+    def tokenize(
+        self, volume: torch.Tensor, foreground: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         """Coarse tokens ``tokens`` and, with ``fine_depth``, ``fine``: one ``(B, L * C, *grid_a)`` per axis,
-        where ``grid_a`` is the coarse grid with axis a made ``slice_depth / fine_depth`` times finer."""
+        where ``grid_a`` is the coarse grid with axis a made ``slice_depth / fine_depth`` times finer.
+
+        ``foreground``, a bool ``(B, 1, D, H, W)`` like ``volume``, is used with ``skip_background`` only."""
         if volume.ndim != 5 or volume.shape[1] != 1:
             raise ValueError(f"expected a (B, 1, D, H, W) volume, got shape {tuple(volume.shape)}")
+        if foreground is not None and foreground.shape != volume.shape:
+            raise ValueError(f"foreground of shape {tuple(foreground.shape)} for a volume of {tuple(volume.shape)}")
         self.token_grid(volume.shape[2:])
-        per_volume = [self._tokenize(v[0]) for v in volume]
+        skipping = self.skip_background and foreground is not None and self.encoder.skips_background
+        per_volume = [self._tokenize(v[0], foreground[b, 0] if skipping else None) for b, v in enumerate(volume)]
         out: dict[str, torch.Tensor | list[torch.Tensor]] = {"tokens": torch.stack([t for t, _ in per_volume])}
         if self.fine_depth is not None:
             out["fine"] = [torch.stack([f[a] for _, f in per_volume]) for a in range(len(self.axes))]
         return out
 
-    def _tokenize(self, volume: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _tokenize(
+        self, volume: torch.Tensor, foreground: torch.Tensor | None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         coarse, fine = [], []
         for a, axis in enumerate(self.axes):
             slices = volume.movedim(axis, 0).unsqueeze(1).float()  # (S, 1, h, w)
-            per_block = self._encode_slices(slices, group_offset=a * self.encoder.num_outputs)
+            fg = None if foreground is None else foreground.movedim(axis, 0).unsqueeze(1).bool()
+            per_block = self._encode_slices(slices, group_offset=a * self.encoder.num_outputs, foreground=fg)
             coarse += [self._pool(feats, self.slice_depth, axis) for feats in per_block]
             if self.fine_depth is not None:
                 fine.append(torch.cat([self._pool(feats, self.fine_depth, axis) for feats in per_block]))
@@ -136,14 +151,19 @@ class MultiAxisTokenizer(nn.Module):
         pooled = pooled.view(*feats.shape[1:], -1).permute(0, 3, 1, 2)  # (C, S/depth, h, w)
         return pooled.movedim(1, 1 + axis)
 
-    def _encode_slices(self, slices: torch.Tensor, group_offset: int) -> list[torch.Tensor]:
+    def _encode_slices(
+        self, slices: torch.Tensor, group_offset: int, foreground: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         """Encode in batches; normalise and project each batch at once so only C-wide features are kept."""
         chunks: list[list[torch.Tensor]] = [[] for _ in range(self.encoder.num_outputs)]
         device_type = slices.device.type
         for start in range(0, slices.shape[0], self.slice_batch):
             batch = slices[start : start + self.slice_batch]
             with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=self.amp):
-                maps = self.encoder(batch)
+                if foreground is None:
+                    maps = self.encoder(batch)
+                else:
+                    maps = self.encoder(batch, foreground=foreground[start : start + self.slice_batch])
             for b, fmap in enumerate(maps):
                 fmap = fmap.float()
                 if self.encoder.normalize:
