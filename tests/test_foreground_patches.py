@@ -183,3 +183,19 @@ def test_bundle_setting_reaches_the_tokenizer():
         parser.read_config(str(INFERENCE))
         parser.update({"bundle_root": str(ROOT / "bundle"), **TINY_VIT_SETTINGS, "skip_background_patches": setting})
         assert parser.get_parsed_content("network_def").skip_background is setting
+
+
+@torch.inference_mode()
+def test_non_cubic_volumes_skip_too():
+    """Slices of three sizes (one per axis), each with its own blank features."""
+    vit = tiny_vit(seed=0, dynamic_img_size=True)
+    volume = torch.rand(1, 1, 32, 24, 16, generator=torch.Generator().manual_seed(4))
+    foreground = torch.zeros_like(volume, dtype=torch.bool)
+    foreground[..., 8:20, 4:20, 2:9] = True
+    tokenizer = MultiAxisTokenizer(vit, slice_depth=P, proj_dim=16, skip_background=True)
+    skipped = tokenizer.tokenize(volume * foreground, foreground=foreground)["tokens"]
+    assert skipped.shape == tokenizer(volume).shape == (1, 3 * 2 * 16, 4, 3, 2)
+    assert torch.isfinite(skipped).all()
+    torch.testing.assert_close(
+        tokenizer.tokenize(volume, foreground=torch.ones_like(foreground))["tokens"], tokenizer(volume)
+    )
