@@ -1,11 +1,11 @@
 """A ViT run on the foreground patches of a batch of slices only.
 
-Cropped to its brain mask and resized, a BraTS volume still has 38-46 % of the patches of every slice entirely
-outside the mask. Those patches are dropped from the ViT's token sequence (as MAE drops masked patches): each
-slice's foreground patches are packed first, the batch is padded to its longest slice, and the padding is hidden
-from attention by a key mask. A skipped patch gets the features a blank slice has at its place, since the scoring
-never uses a token that is mostly background (``min_token_coverage``) and pooled tokens at the border only need a
-background-like value there.
+Cropped to its brain mask and resized, a BraTS volume still has 42.5 % of the patches of its slices entirely
+outside the mask: the corners of every slice (measured by ``benchmarks/encoder_precision.py``). Those patches are
+dropped from the ViT's token sequence (as MAE drops masked patches): each slice's foreground patches are packed
+first, the batch is padded to its longest slice, and the padding is hidden from attention by a key mask. A
+skipped patch gets the features a blank slice has at its place: the scoring never uses a token that is mostly
+background (``min_token_coverage``), and pooled tokens at the border only need a background-like value there.
 """
 
 from __future__ import annotations
