@@ -154,12 +154,11 @@ class ViTSliceEncoder(RGBSliceEncoder):
     def forward(self, slices: torch.Tensor, foreground: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Feature maps of ``slices``; with ``foreground`` ``(S, 1, H, W)``, the patches without a foreground pixel
         are not computed and get the features of a blank slice (see ``foreground_patches``)."""
-        if foreground is None:
-            return self._all_patches(self.network_input(slices))
-        keep = patches_with_foreground(foreground, self.patch_size)
-        self._patches_seen += keep.numel()
-        self._patches_computed += int(keep.sum())
-        if keep.all():
+        keep = None if foreground is None else patches_with_foreground(foreground, self.patch_size)
+        if keep is not None:
+            self._patches_seen += keep.numel()
+            self._patches_computed += int(keep.sum())
+        if keep is None or keep.all():
             return self._all_patches(self.network_input(slices))
         fill = self._blank_features(slices)
         if not keep.any():

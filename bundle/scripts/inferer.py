@@ -76,7 +76,8 @@ class CohortInferer(Inferer):
         """All that scoring needs of one subject: ``tokens`` and ``valid``, plus ``fine`` and ``fine_valid``
         (one entry per axis, fine tokens kept in float16) when the network makes fine tokens."""
         device = _device_of(network)
-        foreground = (plain_tensor(mask) > 0.5)[None].to(device)
+        # the mask goes to the network only when it leaves background patches out (a copy per subject otherwise)
+        foreground = _inside(mask)[None].to(device) if getattr(network, "skip_background", False) else None
         out = network.tokenize(plain_tensor(volume)[None].to(device), foreground=foreground)
         entry: dict[str, Any] = {
             "tokens": out["tokens"][0].cpu(),
@@ -89,7 +90,7 @@ class CohortInferer(Inferer):
 
     def token_validity(self, mask: torch.Tensor, token_size: int | tuple[int, int, int]) -> torch.Tensor:
         """Which tokens of a ``(1, D, H, W)`` mask are covered enough to be scored and matched."""
-        coverage = F.avg_pool3d((plain_tensor(mask) > 0.5).float()[None], token_size)[0, 0]
+        coverage = F.avg_pool3d(_inside(mask).float()[None], token_size)[0, 0]
         return coverage >= self.min_token_coverage
 
     @torch.inference_mode()
@@ -227,6 +228,11 @@ def _robust_z(scores: torch.Tensor) -> torch.Tensor:
         return scores
     median, mad = median_and_mad(finite)
     return (scores - median) / max(1.4826 * mad, 1e-12)
+
+
+def _inside(mask: torch.Tensor) -> torch.Tensor:
+    """Which voxels of a mask count as inside it: the one threshold of token validity and of the encoder's foreground."""
+    return plain_tensor(mask) > 0.5
 
 
 def _device_of(module: nn.Module) -> torch.device:
