@@ -37,6 +37,7 @@ from scripts.outputs import atomic_path, write_json  # noqa: E402
 from scripts.run_report import versions  # noqa: E402
 from scripts.scoring import mutual_scores, num_closest  # noqa: E402
 from scripts.threads import FastestThreadCount  # noqa: E402
+from scripts.tiled_window import tiled_window_flops  # noqa: E402
 
 GRID, CHANNELS = 16, 64  # a 224^3 volume, patch 14, default projection
 
@@ -519,19 +520,21 @@ def peer_markdown(rows: list[dict]) -> list[str]:
         "## CS3F against MuSc's mutual scoring (whole cohort scored; same tokens, same run)",
         "",
         "MuSc: `compute_scores_fast` of MuSc's `models/modules/_MSM.py`, reimplemented from its definition "
-        "(`musc_scores`), with torch's default threads. CS3F as the bundle runs it: `global` computes each pair's "
-        "distance matrix once (row and column minima), `window` as tiled matrix products (`scripts/tiled_window.py`), "
-        "each under the faster of all physical cores and one thread, timed on its first units (`scripts/threads.py`; "
-        "`threads` says which). `fraction of matmul` counts the FLOPs global does (one product per pair) against a "
-        "2048^2 matrix product measured in the same run and load; `x memory bound` is window's time over reading "
-        "every other subject's tokens once at the streaming bandwidth measured in the same run. Both average the "
+        "(`musc_scores`), with torch's default threads. CS3F as the bundle runs it: each pair of subjects compared "
+        "once, both directions taken from it (`scripts/pair_rows.py`), `global` as one distance matrix per pair (row "
+        "and column minima), `window` as tiled matrix products (`scripts/tiled_window.py`), each under the faster of "
+        "all physical cores and one thread, timed on its first units (`scripts/threads.py`; `threads` says which). "
+        "`fraction of matmul` counts the FLOPs each does (one product per pair; window's padded tiles, "
+        "`tiled_window_flops`) against a 2048^2 matrix product measured in the same run and load; `x memory bound` is "
+        "window's time over reading every other subject's tokens once at the streaming bandwidth measured in the same "
+        "run. Both average the "
         "`int(0.3 (N-1))` closest subjects and all tokens are valid, so MuSc's and CS3F's global scores must agree "
         "(`same`); `window` searches +-1 token positions only (another, cheaper question).",
         "",
         "| tokens | N | load | MuSc s/subject | CS3F global s/subject | global vs MuSc | global, fraction of matmul "
-        "| CS3F window s/subject | window vs MuSc | window x memory bound | threads global / window "
-        "| working MB MuSc / global / window | global same as MuSc |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| CS3F window s/subject | window vs MuSc | window, fraction of matmul | window x memory bound "
+        "| threads global / window | working MB MuSc / global / window | global same as MuSc |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     names = {"3d": "16^3 x 64", "musc_2d": "37x37 x 1024 (MuSc's 2D shape)"}
     speedups = {}
@@ -546,10 +549,13 @@ def peer_markdown(rows: list[dict]) -> list[str]:
             musc["s_per_subject"] / win["s_per_subject"],
         )
         bound = f"{win['s_per_subject'] / window_bound_s(win):.0f}x" if "read_gb_s" in win else "-"
+        *grid, c = PEER_SHAPES[shape]
+        window_gflops = tiled_window_flops(c, tuple(grid), 1) * (n - 1) / 2 / 1e9  # per scored subject
+        window_matmul = f"{100 * window_gflops / win['s_per_subject'] / win['matmul_gflops']:.0f} %"
         lines.append(
             f"| {names[shape]} | {n} | {f'{load} busy processes' if load else 'quiet'} | {_ms(musc)} | {_ms(glob)} | "
             f"{speedups[(shape, n, load)][0]:.1f}x | {100 * actual / glob['matmul_gflops']:.0f} % | {_ms(win)} | "
-            f"{speedups[(shape, n, load)][1]:.1f}x | {bound} | {glob['threads']} / {win['threads']} | "
+            f"{speedups[(shape, n, load)][1]:.1f}x | {window_matmul} | {bound} | {glob['threads']} / {win['threads']} | "
             f"{musc['working_mb']:.0f} / {glob['working_mb']:.0f} / {win['working_mb']:.0f} | {same} |"
         )
     loaded = [(key, value) for key, value in speedups.items() if key[2]]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from scripts.pair_rows import each_pair_once, held_bytes
 from scripts.scoring import (
     mean_of_closest,
     mutual_scores,
@@ -156,17 +157,39 @@ def test_distance_helpers_chunked_equal_unchunked():
 @pytest.mark.parametrize("budget", [1, 1 << 30])
 def test_each_pair_once_equals_each_subject_against_the_others(budget):
     """The whole-cohort global pass (one distance matrix per pair, row and column minima) gives every subject's
-    distances to every other subject, as scoring each subject on its own does."""
+    distances to every other subject, in order, as scoring each subject on its own does."""
     tokens, valid = _cohort(seed=11, all_invalid_subject=True)
     flat, flat_valid = tokens.flatten(2).transpose(1, 2), valid.flatten(1)
-    pairwise = pairwise_distances_global(flat, flat_valid, budget_bytes=budget)
-    assert pairwise.shape == (N, N, flat.shape[1]) and torch.isinf(pairwise.diagonal()).all()
-    for i in range(N):
+    pairwise = list(pairwise_distances_global(tokens.flatten(2), flat_valid, budget_bytes=budget))
+    assert [i for i, _ in pairwise] == list(range(N))
+    for i, found in pairwise:
         others = torch.tensor([j for j in range(N) if j != i])
         alone = nearest_distances_global(flat[i], flat, flat_valid, budget_bytes=budget, index=others)
         mine = valid[i].flatten()
-        torch.testing.assert_close(pairwise[i, others][:, mine], alone[:, mine], **_EXACTNESS["global"])
-        assert torch.isinf(pairwise[i, :, ~mine]).all()  # invalid tokens of i are never scored
+        assert found.shape == (N - 1, flat.shape[1])
+        torch.testing.assert_close(found[:, mine], alone[:, mine], **_EXACTNESS["global"])
+        assert torch.isinf(found[:, ~mine]).all()  # invalid tokens of i are never scored
+
+
+def test_each_pair_once_holds_back_only_the_later_subjects_distances():
+    """Each subject's row leaves as soon as it is complete: what is kept between pairs is the later subjects'
+    distances to the earlier ones, and a subject is compared only with the later ones."""
+    n, compared, held = 6, [], []
+    alive = set()
+
+    def to_later(i):
+        compared.append(i)
+        rows = torch.arange(n - 1 - i, dtype=torch.float32)[:, None].expand(-1, 2) + 10 * i
+        return rows, -rows
+
+    for i, row in each_pair_once(n, to_later):
+        alive.discard(i)
+        alive.update(range(i + 1, n))
+        held.append(len(alive))
+        expected = [-(10 * j + i - j - 1) for j in range(i)] + [10 * i + m for m in range(n - 1 - i)]
+        assert row[:, 0].tolist() == expected  # earlier subjects' columns first, then i's own row, in order
+    assert compared == list(range(n))
+    assert held_bytes(n, 2) >= (n * n // 4) * 2 * 4
 
 
 @pytest.mark.parametrize("matching", ["window", "global"])
@@ -284,10 +307,12 @@ def test_tiled_window_equals_offset_by_offset(grid, radius, block_bytes):
     valid = torch.rand(4, *grid, generator=g) > 0.3
     valid[1:, 0, 0, 0] = False  # subject 0's corner token has no valid neighbour at radius 0
     tiled = TiledWindow(tokens, valid, radius, block_bytes)
+    each_pair_once = dict(tiled.each_subject())
     for i in range(4):
-        others = torch.tensor([j for j in range(4) if j != i])  # (a token's distance to itself: 0 only to rounding)
-        expected = nearest_distances_window(tokens[i], tokens, valid, radius, index=others)
-        actual = tiled.distances(i)[others]
-        assert torch.equal(torch.isinf(actual), torch.isinf(expected))
-        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+        others = torch.tensor([j for j in range(4) if j != i])
+        expected = nearest_distances_window(tokens[i], tokens, valid, radius, index=others)[:, valid[i]]
+        for actual in (tiled.distances(i)[:, valid[i]], each_pair_once[i][:, valid[i]]):
+            assert torch.equal(torch.isinf(actual), torch.isinf(expected))
+            torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+        assert torch.isinf(each_pair_once[i][:, ~valid[i]]).all()  # i's invalid tokens are nobody's match
     assert tiled_window_bytes(4, 6, grid, radius) > 4 * 6 * math.prod(grid) * 4  # at least the tiled references

@@ -4,18 +4,20 @@ A token of subject i is normal when the other subjects have something like it. F
 we take the distance to j's nearest valid token (within +-``radius`` grid positions in ``window`` mode,
 anywhere in ``global`` mode); the token's score is the mean of the ``ceil(alpha * (N - 1))`` smallest of
 those distances. Distances are computed in blocks of bounded size and reference subjects are gathered a block at a
-time, so the working memory stays flat whatever the cohort size. Scoring a whole cohort takes faster routes where
-they fit the memory budget: each pair's global distances once (``pairwise_distances_global``), window distances
-as tiled matrix products (``tiled_window``).
+time, so the working memory stays flat whatever the cohort size. Scoring a whole cohort compares each pair of
+subjects once and takes both directions from it (``pair_rows``): one distance matrix per pair in global mode
+(``pairwise_distances_global``), tiled matrix products in window mode (``tiled_window``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
+from .pair_rows import each_pair_once, held_bytes
 from .tiled_window import TiledWindow, tiled_window_bytes
 
 __all__ = [
@@ -181,44 +183,55 @@ def nearest_distances_global(
     return (out, matched) if return_match else out
 
 
-def pairwise_distances_global(tokens: torch.Tensor, valid: torch.Tensor, budget_bytes: int = 256 << 20) -> torch.Tensor:
+def pairwise_distances_global(
+    tokens: torch.Tensor, valid: torch.Tensor, budget_bytes: int = 256 << 20
+) -> Iterator[tuple[int, torch.Tensor]]:
     """Nearest distances between every pair of subjects, each pair's distance matrix computed once.
 
-    Scoring a whole cohort needs, for every ordered pair (i, j), the distance from each token of i to the nearest
-    valid token of j. The squared distances of i's and j's valid tokens form one matrix: its row minima are i's
-    distances to j and its column minima j's distances to i, so each unordered pair costs one matrix product
-    instead of two. Blocks of rows are bounded by ``budget_bytes`` as in ``nearest_distances_global``.
+    The squared distances of i's and j's valid tokens form one matrix: its row minima are i's distances to j and its
+    column minima j's distances to i, so each unordered pair costs one matrix product instead of two
+    (``pair_rows.each_pair_once``). A subject's valid tokens are gathered for each pair it is in, and not at all when
+    every token is valid: the matrix product reads the channels-first tokens as they are, so no copy of the cohort
+    is made and the memory does not grow with it beyond the distances held back between pairs.
 
     Args:
-        tokens: ``(N, T, C)`` tokens of every subject (a view is fine: valid tokens are copied once per subject).
+        tokens: ``(N, C, T)`` tokens of every subject.
         valid: ``(N, T)`` bool.
-        budget_bytes: bound on the distance block held at once.
+        budget_bytes: bound on the distance block held at once (see ``BLOCK_BYTES``).
 
-    Returns:
-        ``(N, N, T)`` L2 distances: ``[i, j, t]`` from token t of i to its nearest valid token of j; ``inf`` on the
-        diagonal, for invalid tokens of i and where j has no valid token.
+    Yields:
+        ``(i, distances)`` for i = 0 .. N-1, ``(N-1, T)`` L2 distances from each token of i to the nearest valid token
+        of each other subject, in order; ``inf`` for invalid tokens of i and where the other subject has no valid token.
     """
-    n, t, _ = tokens.shape
-    out = torch.full((n, n, t), math.inf, device=tokens.device)
-    index = [valid[i].nonzero()[:, 0] for i in range(n)]
-    points = [tokens[i].contiguous()[index[i]] for i in range(n)]  # valid tokens, contiguous, copied once
-    squares = [p.square().sum(1) for p in points]
-    for i in range(n):
-        for j in range(i + 1, n):
-            a, b = points[i], points[j]
-            if a.shape[0] == 0 or b.shape[0] == 0:
+    n, _, t = tokens.shape
+
+    def valid_tokens(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        inside = valid[i].nonzero()[:, 0]
+        return inside, tokens[i] if len(inside) == t else tokens[i].index_select(1, inside)  # (C, T_valid)
+
+    def to_later(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        to_them = torch.full((n - 1 - i, t), math.inf, device=tokens.device)
+        from_them = torch.full((n - 1 - i, t), math.inf, device=tokens.device)
+        mine, a = valid_tokens(i)
+        a_squares, a_rows = a.square().sum(0), a.T.contiguous()  # rows read contiguously by every block's product
+        for m, j in enumerate(range(i + 1, n)):
+            theirs, b = valid_tokens(j)
+            if a.shape[1] == 0 or b.shape[1] == 0:
                 continue
-            rows = max(1, block_bytes(budget_bytes) // (b.shape[0] * _BYTES))
-            to_j = torch.empty(a.shape[0], device=tokens.device)
-            to_i = torch.full((b.shape[0],), math.inf, device=tokens.device)
-            for start in range(0, a.shape[0], rows):
+            b_squares = b.square().sum(0)
+            rows = max(1, block_bytes(budget_bytes) // (b.shape[1] * _BYTES))
+            to_j = torch.empty(a.shape[1], device=tokens.device)
+            to_i = torch.full((b.shape[1],), math.inf, device=tokens.device)
+            for start in range(0, a.shape[1], rows):
                 sl = slice(start, start + rows)
-                squared = torch.addmm(squares[j], a[sl], b.T, alpha=-2).add_(squares[i][sl, None])
+                squared = torch.addmm(b_squares, a_rows[sl], b, alpha=-2).add_(a_squares[sl, None])
                 to_j[sl] = squared.amin(dim=1)
                 torch.minimum(to_i, squared.amin(dim=0), out=to_i)
-            out[i, j, index[i]] = to_j.clamp_(min=0).sqrt_()
-            out[j, i, index[j]] = to_i.clamp_(min=0).sqrt_()
-    return out
+            to_them[m, mine] = to_j.clamp_(min=0).sqrt_()
+            from_them[m, theirs] = to_i.clamp_(min=0).sqrt_()
+        return to_them, from_them
+
+    return each_pair_once(n, to_later)
 
 
 def mean_of_closest(distances: torch.Tensor, k: int) -> torch.Tensor:
@@ -268,15 +281,6 @@ def mutual_scores(
     grid = tokens.shape[2:]
     flat = tokens.flatten(2).transpose(1, 2) if matching == "global" else None  # (N, T, C), a view
     flat_valid = valid.flatten(1)
-    # the whole cohort in global mode: each pair's distances once, when all of them fit the budget
-    pairwise = (
-        pairwise_distances_global(flat, flat_valid, budget_bytes)
-        if flat is not None
-        and subjects is None
-        and not return_selection
-        and n * n * flat.shape[1] * _BYTES <= budget_bytes
-        else None
-    )
     # window mode without selection: tiled matrix products, the references laid out once, when that fits the budget
     tiled = (
         TiledWindow(tokens, valid, radius, block_bytes(budget_bytes))
@@ -285,24 +289,35 @@ def mutual_scores(
         and tiled_window_bytes(n, tokens.shape[1], tuple(grid), radius) <= budget_bytes
         else None
     )
+
+    def others_of(i: int) -> torch.Tensor:
+        return torch.tensor([j for j in range(n) if j != i], device=tokens.device)
+
+    def one_by_one(i: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if tiled is not None:
+            return tiled.distances(i)
+        others = others_of(i)
+        if flat is None:
+            return nearest_distances_window(tokens[i], tokens, valid, radius, budget_bytes, return_selection, others)
+        return nearest_distances_global(flat[i], flat, flat_valid, budget_bytes, return_selection, others)
+
+    # the whole cohort: each pair once, when what is held back between pairs fits the budget
+    whole_cohort = subjects is None and not return_selection
+    if whole_cohort and tiled is not None:
+        found_per_subject = tiled.each_subject()
+    elif whole_cohort and flat is not None and held_bytes(n, flat.shape[1]) <= budget_bytes:
+        found_per_subject = pairwise_distances_global(tokens.flatten(2), flat_valid, budget_bytes)
+    else:
+        found_per_subject = ((i, one_by_one(i)) for i in (range(n) if subjects is None else subjects))
     scores, chosen, matches = [], [], []
-    for i in range(n) if subjects is None else subjects:
-        others = torch.tensor([j for j in range(n) if j != i], device=tokens.device)
-        if pairwise is not None:
-            found = pairwise[i, others]
-        elif tiled is not None:
-            found = tiled.distances(i)[others]
-        elif flat is None:
-            found = nearest_distances_window(tokens[i], tokens, valid, radius, budget_bytes, return_selection, others)
-        else:
-            found = nearest_distances_global(flat[i], flat, flat_valid, budget_bytes, return_selection, others)
+    for i, found in found_per_subject:
         d, where = found if return_selection else (found, None)
         d = d.view(-1, *grid)
         s = mean_of_closest(d, k)
         scores.append(torch.where(valid[i], s, math.nan))
         if return_selection:
             closest = d.topk(min(k, d.shape[0]), dim=0, largest=False).indices
-            chosen.append(others[closest])
+            chosen.append(others_of(i)[closest])
             matches.append(where.view(-1, *grid).gather(0, closest))
     if return_selection:
         return torch.stack(scores), torch.stack(chosen), torch.stack(matches)

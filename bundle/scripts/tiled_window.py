@@ -1,24 +1,32 @@
-"""Window matching as batched matrix products over tiles of the token grid.
+"""Window matching as batched matrix products over tiles of the token grid, each pair of subjects once.
 
 Each query token needs its distance to the (2r+1)^3 reference tokens around its own position in every other
 subject. Formed offset by offset (``scoring.nearest_distances_window``), that is 27 x 5 element-wise passes over the
 references per block: bound by memory traffic, at a few percent of the machine's matrix-product rate. Here the
-grid is cut into tiles of ``t = 2r`` positions a side. One tile of every reference (t^3 tokens each) can only be
-the neighbour of the ``w = t + 2r`` positions a side around it, so one small matrix product per tile, between those
-``w^3`` query tokens and the tile's tokens of all references, holds every distance the window needs (with
+grid is cut into tiles of ``t = 2r`` positions a side. One tile of a reference (t^3 tokens) can only be the neighbour
+of the ``w = t + 2r`` positions a side around it, so one small matrix product per tile, between the tile's tokens of
+the references and those ``w^3`` query tokens, holds every distance the window needs (with
 ``|q|^2 + |r|^2 - 2 q.r``, as in global matching), at ``(w / t)^3 t^3 / (2r+1)^3`` = 2.4x the needed products for
-r = 1; a fixed mask keeps the pairs inside the window, and each query position takes the minimum over the
-``(w / t)^3`` tiles that saw it. ``benchmarks/perf.py --only peer`` measures both formulations.
+r = 1; a fixed mask keeps the pairs inside the window.
+
+The same products answer both directions: the minimum over a tile's positions is the query's distance to that
+reference (each query position is seen by ``(w / t)^3`` tiles, whose minima are merged), and the minimum over the
+query region is the reference token's distance to the query, exact within one tile. A whole cohort is therefore
+scored with each pair once (``pair_rows.each_pair_once``). ``benchmarks/perf.py --only peer`` measures it.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TiledWindow", "tiled_window_bytes"]
+from .pair_rows import each_pair_once, held_bytes
+
+__all__ = ["TiledWindow", "tiled_window_bytes", "tiled_window_flops"]
 
 _BYTES = 4  # float32
 
@@ -33,86 +41,153 @@ def _axis_layout(radius: int, size: int) -> tuple[int, int, int]:
 
 def tiled_window_bytes(num_subjects: int, channels: int, grid: tuple[int, ...], radius: int) -> int:
     """Memory ``TiledWindow`` holds besides the tokens: the references in tile order (twice while they are laid out),
-    one query's expanded tiles and the per-tile minima (the product blocks are bounded separately)."""
+    one query's regions and per-tile minima, and the distances held back between pairs (the product blocks are
+    bounded separately)."""
     layout = [_axis_layout(radius, n) for n in grid]
     padded = math.prod(math.ceil(n / t) * t for n, (_, t, _) in zip(grid, layout))
     expansion = math.prod(w / t for _, t, w in layout)
-    return int(_BYTES * padded * (num_subjects * (2 * channels + 1) + expansion * (channels + 2 * num_subjects)))
+    laid_out = num_subjects * (2 * channels + 1) + expansion * (channels + 1 + num_subjects)
+    return int(_BYTES * padded * laid_out) + held_bytes(num_subjects, padded, _BYTES)
+
+
+def tiled_window_flops(channels: int, grid: tuple[int, ...], radius: int) -> int:
+    """Floating-point operations of one pair's products (each reference position against its query region): what
+    the padded tiles cost, against ``2 C (2r+1)^3`` per token for the window alone."""
+    layout = [_axis_layout(radius, n) for n in grid]
+    padded = math.prod(math.ceil(n / t) * t for n, (_, t, _) in zip(grid, layout))
+    return 2 * channels * padded * math.prod(w for _, _, w in layout)
+
+
+def _pad(x: torch.Tensor, padding: list[int], value: float = 0.0) -> torch.Tensor:
+    """``F.pad``, without its copy of the whole cohort when the grid is whole tiles already."""
+    return F.pad(x, padding, value=value) if any(padding) else x
 
 
 class TiledWindow:
-    """Window distances of every subject of a cohort to all of them, the references laid out in tiles once.
+    """Window distances between the subjects of a cohort, the references laid out in tiles once.
 
     Args:
         tokens: ``(N, C, X, Y, Z)`` tokens of the cohort, one grid.
         valid: ``(N, X, Y, Z)`` bool, which tokens may be matched.
         radius: half-width of the search window, in grid positions.
-        block_bytes: bound on one block of products (a block of tiles against all references).
+        block_bytes: bound on one block of products (a block of tiles against the references of one pass).
     """
 
     def __init__(self, tokens: torch.Tensor, valid: torch.Tensor, radius: int, block_bytes: int) -> None:
-        n, c, *grid = tokens.shape
-        self.tokens, self.grid = tokens, tuple(grid)
+        _, _, *grid = tokens.shape
+        self.tokens, self.valid, self.grid, self.block_bytes = tokens, valid, tuple(grid), block_bytes
         self.layout = [_axis_layout(radius, size) for size in grid]
         self.tiles = tuple(math.ceil(size / t) for size, (_, t, _) in zip(grid, self.layout))
-        (_, tx, _), (_, ty, _), (_, tz, _) = self.layout
-        nx, ny, nz = self.tiles
+        # a query region is w / t (1 or 2) tiles a side: the query's tiles at these shifts from the reference tile
+        self.shifts = list(itertools.product(*(range(w // t) for _, t, w in self.layout)))
         # the grid padded up to whole tiles, with invalid tokens (F.pad takes the last axis first)
-        padding = (0, nz * tz - grid[2], 0, ny * ty - grid[1], 0, nx * tx - grid[0])
-        channels_last = F.pad(tokens, padding).permute(0, 2, 3, 4, 1)
-        ok = F.pad(valid, padding, value=False)
-
-        def tile_order(x: torch.Tensor) -> torch.Tensor:
-            """(N, PX, PY, PZ, *rest) -> (tiles, t^3 * N, *rest), the subject innermost: the minimum over a tile's
-            positions then runs over contiguous rows of N values (a reduction over a short last axis is slow)."""
-            rest = x.shape[4:]
-            x = x.reshape(n, nx, tx, ny, ty, nz, tz, *rest).permute(1, 3, 5, 2, 4, 6, 0, *range(7, 7 + len(rest)))
-            return x.reshape(nx * ny * nz, tx * ty * tz * n, *rest)
-
-        self.refs = tile_order(channels_last)  # one contiguous copy
-        self.ref_squares = tile_order(channels_last.square().sum(-1).masked_fill(~ok, math.inf))[:, None]
-        near = []  # (w, t) per axis: query position a of the region and reference position d of the tile are within r
+        padding = [0, 0, 0, 0, 0, 0]
+        for axis, (size, (_, t, _), count) in enumerate(zip(grid, self.layout, self.tiles)):
+            padding[5 - 2 * axis] = count * t - size
+        squares = tokens.square().sum(1).masked_fill(~valid, math.inf)
+        self.refs = self._tile_order(_pad(tokens, padding).permute(0, 2, 3, 4, 1))  # one contiguous copy
+        self.ref_squares = self._tile_order(_pad(squares, padding, value=math.inf)).flatten(0, 2)
+        self.refs = self.refs.flatten(0, 2)  # (tiles, N, t^3, C): a run of subjects is one matrix per tile
+        # inf where reference position d of a tile and query position (shift, e) of its region are further than r
+        near = []
         for r, t, w in self.layout:
-            offset = torch.arange(w, device=tokens.device)[:, None] - r - torch.arange(t, device=tokens.device)
-            near.append(offset.abs() <= r)
-        inside = near[0][:, None, None, :, None, None] & near[1][None, :, None, None, :, None]
-        inside = inside & near[2][None, None, :, None, None, :]
-        region, positions = math.prod(w for _, _, w in self.layout), tx * ty * tz
-        mask = torch.zeros(inside.shape, device=tokens.device).masked_fill_(~inside, math.inf)
-        self.mask = mask.reshape(region, positions, 1).expand(region, positions, n).reshape(1, region, positions * n)
-        self.tiles_per_block = max(1, block_bytes // (region * positions * n * _BYTES))
+            offset = torch.arange(w, device=tokens.device) - r - torch.arange(t, device=tokens.device)[:, None]
+            near.append((offset.abs() <= r).view(t, w // t, t))  # (d, shift, e)
+        inside = (
+            near[0][:, None, None, :, None, None, :, None, None] & near[1][None, :, None, None, :, None, None, :, None]
+        )
+        inside = inside & near[2][None, None, :, None, None, :, None, None, :]  # (d, shift, e) per axis, interleaved
+        positions = math.prod(t for _, t, _ in self.layout)
+        self.outside = torch.zeros(inside.shape, device=tokens.device).masked_fill_(~inside, math.inf)
+        self.outside = self.outside.view(positions, len(self.shifts), positions)
+
+    def _tile_order(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, PX, PY, PZ, *rest)``, ``P = tiles * t`` -> ``(tiles_x, tiles_y, tiles_z, N, t^3, *rest)``."""
+        (_, tx, _), (_, ty, _), (_, tz, _) = self.layout
+        n, px, py, pz, *rest = x.shape
+        x = x.reshape(n, px // tx, tx, py // ty, ty, pz // tz, tz, *rest)
+        x = x.permute(1, 3, 5, 0, 2, 4, 6, *range(7, 7 + len(rest)))
+        return x.reshape(px // tx, py // ty, pz // tz, n, tx * ty * tz, *rest)
+
+    def _regions(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Subject ``i``'s tokens around each tile, ``(tiles, shifts * t^3, C)``, and their squared norms,
+        ``(tiles, shifts, t^3)``: ``inf`` for invalid tokens and outside the grid, so that they are nobody's match.
+        The query grid is padded by r in front, so that a region is whole tiles of it: no token is gathered alone."""
+        extra = [0, 0, 0, 0, 0, 0]
+        for axis, (size, (r, t, w), count) in enumerate(zip(self.grid, self.layout, self.tiles)):
+            extra[5 - 2 * axis - 1 : 6 - 2 * axis] = [r, (count + w // t - 1) * t - size - r]
+        squares = self.tokens[i].square().sum(0).masked_fill(~self.valid[i], math.inf)
+        query = self._tile_order(F.pad(self.tokens[i], extra).permute(1, 2, 3, 0)[None])[..., 0, :, :]
+        squares = self._tile_order(F.pad(squares, extra, value=math.inf)[None])[..., 0, :]
+        nx, ny, nz = self.tiles
+        ahead = [(slice(x, x + nx), slice(y, y + ny), slice(z, z + nz)) for x, y, z in self.shifts]
+        regions = torch.stack([query[sl] for sl in ahead], dim=3)  # (nx, ny, nz, shifts, t^3, C)
+        return regions.flatten(3, 4).flatten(0, 2), torch.stack([squares[sl] for sl in ahead], dim=3).flatten(0, 2)
+
+    def _compare(
+        self, query: tuple[torch.Tensor, torch.Tensor], first: int, stop: int, both: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A subject (its ``_regions``) against subjects ``first .. stop-1``: ``(M, X, Y, Z)`` distances from it to each
+        of them and, with ``both``, from each of them to it (else ``None``)."""
+        m, c = stop - first, self.tokens.shape[1]
+        if m <= 0:
+            empty = self.tokens.new_empty(0, *self.grid)
+            return empty, empty if both else None
+        regions, squares = query
+        tiles, shifts, positions = squares.shape
+        region = shifts * positions
+        # |q|^2 (inf for invalid query tokens) + inf outside the window: the row part of every block's initial value
+        query_part = (squares[:, None] + self.outside).view(tiles, positions, region)
+        rows = torch.empty(tiles, m, region, device=regions.device)
+        columns = torch.empty(tiles, m, positions, device=regions.device) if both else None
+        per_block = max(1, self.block_bytes // (m * positions * region * _BYTES))
+        buffer = torch.empty(min(tiles, per_block), m, positions, region, device=regions.device)
+        for start in range(0, tiles, per_block):
+            block = slice(start, min(start + per_block, tiles))
+            count = block.stop - block.start
+            squared = buffer[:count]
+            # |r|^2 + |q|^2 (+ inf outside the window), then -2 r.q added in place by the product
+            torch.add(self.ref_squares[block, first:stop, :, None], query_part[block, None], out=squared)
+            refs = self.refs[block, first:stop].reshape(count, m * positions, c)
+            squared.view(count, m * positions, region).baddbmm_(refs, regions[block].transpose(1, 2), alpha=-2)
+            torch.amin(squared, dim=2, out=rows[block])  # i -> them: the nearest of the tile's positions
+            if columns is not None:
+                torch.amin(squared, dim=3, out=columns[block])  # them -> i: the nearest in the query region
+        return self._merge_rows(rows.view(tiles, m, shifts, positions)), (
+            None if columns is None else self._untile(columns)
+        )
+
+    def _merge_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """``(tiles, M, shifts, t^3)`` minima per reference tile -> ``(M, X, Y, Z)`` distances: each query tile was
+        seen from the reference tiles at every shift behind it, the minimum over them."""
+        nx, ny, nz = self.tiles
+        m, positions = rows.shape[1], rows.shape[3]
+        rows = rows.view(nx, ny, nz, m, len(self.shifts), positions)
+        extent = [count + w // t - 1 for count, (_, t, w) in zip(self.tiles, self.layout)]
+        out = torch.full((*extent, m, positions), math.inf, device=rows.device)
+        for s, (x, y, z) in enumerate(self.shifts):
+            target = out[x : x + nx, y : y + ny, z : z + nz]
+            torch.minimum(target, rows[:, :, :, :, s], out=target)
+        return self._untile(out, front=True)
+
+    def _untile(self, tiled: torch.Tensor, front: bool = False) -> torch.Tensor:
+        """``(tiles, M, t^3)`` squared distances in tile order (or ``(tx, ty, tz, M, t^3)``) -> ``(M, X, Y, Z)``
+        distances; ``front``: the grid starts r positions into the tiles (the query's padding)."""
+        (rx, tx, _), (ry, ty, _), (rz, tz, _) = self.layout
+        m = tiled.shape[-2]
+        tiled = tiled.view(-1, *self.tiles[1:], m, tx, ty, tz) if tiled.dim() == 3 else tiled
+        nx, ny, nz = tiled.shape[:3]
+        grid = tiled.view(nx, ny, nz, m, tx, ty, tz).permute(3, 0, 4, 1, 5, 2, 6).reshape(m, nx * tx, ny * ty, nz * tz)
+        (x, y, z), (ox, oy, oz) = self.grid, (rx, ry, rz) if front else (0, 0, 0)
+        return grid[:, ox : ox + x, oy : oy + y, oz : oz + z].clamp(min=0).sqrt_()
 
     def distances(self, i: int) -> torch.Tensor:
-        """``(N, X, Y, Z)`` distances from each token of subject ``i`` to the nearest valid token within the window
-        in every subject (itself included), ``inf`` where the window holds none."""
-        n, c = self.tokens.shape[:2]
-        (rx, tx, wx), (ry, ty, wy), (rz, tz, wz) = self.layout
-        nx, ny, nz = self.tiles
-        x, y, z = self.grid
-        query = self.tokens[i].permute(1, 2, 3, 0)
-        query = F.pad(query, (0, 0, rz, nz * tz - z + rz, ry, ny * ty - y + ry, rx, nx * tx - x + rx))
-        regions = query.unfold(0, wx, tx).unfold(1, wy, ty).unfold(2, wz, tz)  # (nx, ny, nz, C, wx, wy, wz)
-        regions = regions.permute(0, 1, 2, 4, 5, 6, 3).reshape(nx * ny * nz, wx * wy * wz, c)
-        tiles, region, positions = nx * ny * nz, wx * wy * wz, tx * ty * tz
-        per_tile = torch.empty(tiles, region, n, device=query.device)
-        buffer = torch.empty(min(tiles, self.tiles_per_block), region, positions * n, device=query.device)
-        for start in range(0, tiles, self.tiles_per_block):
-            block = slice(start, start + self.tiles_per_block)
-            squared = buffer[: len(range(*block.indices(tiles)))]
-            # |r|^2 (inf where r is invalid) + the window mask, then -2 q.r added in place by the product
-            torch.add(self.ref_squares[block], self.mask, out=squared)
-            squared.baddbmm_(regions[block], self.refs[block].transpose(1, 2), alpha=-2)
-            torch.amin(squared.view(-1, region, positions, n), dim=2, out=per_tile[block])
-        # each query position was seen by (w / t)^3 tiles: the minimum over them, on the grid padded by r
-        per_tile = per_tile.view(nx, ny, nz, wx, wy, wz, n)
-        out = torch.full((nx * tx + 2 * rx, ny * ty + 2 * ry, nz * tz + 2 * rz, n), math.inf, device=query.device)
-        for bx in range(wx // tx):
-            for by in range(wy // ty):
-                for bz in range(wz // tz):
-                    seen = per_tile[:, :, :, bx * tx : (bx + 1) * tx, by * ty : (by + 1) * ty, bz * tz : (bz + 1) * tz]
-                    target = out[bx * tx : bx * tx + nx * tx, by * ty : by * ty + ny * ty, bz * tz : bz * tz + nz * tz]
-                    target = target.view(nx, tx, ny, ty, nz, tz, n)
-                    torch.minimum(target, seen.permute(0, 3, 1, 4, 2, 5, 6), out=target)
-        out = out[rx : rx + x, ry : ry + y, rz : rz + z]
-        out = out.add_(self.tokens[i].square().sum(0)[..., None]).clamp_(min=0).sqrt_()
-        return out.permute(3, 0, 1, 2)
+        """``(N-1, X, Y, Z)`` distances from each token of subject ``i`` to the nearest valid token within the window
+        in every other subject, in order; ``inf`` where the window holds none (and for i's invalid tokens)."""
+        n, query = self.tokens.shape[0], self._regions(i)
+        return torch.cat([self._compare(query, 0, i, False)[0], self._compare(query, i + 1, n, False)[0]])
+
+    def each_subject(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(i, distances(i))`` for every subject in order, each pair of subjects compared once."""
+        n = self.tokens.shape[0]
+        return each_pair_once(n, lambda i: self._compare(self._regions(i), i + 1, n, True))
