@@ -2,7 +2,7 @@
 their growth with the cohort size N and the token grid; the distance block size; the demo end to end with a cold
 and a warm cache.
 
-    python benchmarks/perf.py                 # everything (about 20 min on 2 CPU cores)
+    python benchmarks/perf.py                 # everything (about 2 hours on 2 CPU cores, `peer` 1.5 of them)
     python benchmarks/perf.py --only scoring  # some parts: encoding | scoring | grid | blocks | demo | peer
 
 Writes ``benchmarks/results/perf.json`` and ``perf.md`` with the device, the versions and the command.
