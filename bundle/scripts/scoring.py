@@ -204,21 +204,23 @@ def pairwise_distances_global(
         of each other subject, in order; ``inf`` for invalid tokens of i and where the other subject has no valid token.
     """
     n, _, t = tokens.shape
+    squares = tokens.square().sum(1)  # (N, T), once: every subject is in N - 1 pairs
 
-    def valid_tokens(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def valid_tokens(i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         inside = valid[i].nonzero()[:, 0]
-        return inside, tokens[i] if len(inside) == t else tokens[i].index_select(1, inside)  # (C, T_valid)
+        if len(inside) == t:
+            return inside, tokens[i], squares[i]
+        return inside, tokens[i].index_select(1, inside), squares[i, inside]  # (C, T_valid), (T_valid,)
 
     def to_later(i: int) -> tuple[torch.Tensor, torch.Tensor]:
         to_them = torch.full((n - 1 - i, t), math.inf, device=tokens.device)
         from_them = torch.full((n - 1 - i, t), math.inf, device=tokens.device)
-        mine, a = valid_tokens(i)
-        a_squares, a_rows = a.square().sum(0), a.T.contiguous()  # rows read contiguously by every block's product
+        mine, a, a_squares = valid_tokens(i)
+        a_rows = a.T.contiguous()  # rows read contiguously by every block's product
         for m, j in enumerate(range(i + 1, n)):
-            theirs, b = valid_tokens(j)
+            theirs, b, b_squares = valid_tokens(j)
             if a.shape[1] == 0 or b.shape[1] == 0:
                 continue
-            b_squares = b.square().sum(0)
             rows = max(1, block_bytes(budget_bytes) // (b.shape[1] * _BYTES))
             to_j = torch.empty(a.shape[1], device=tokens.device)
             to_i = torch.full((b.shape[1],), math.inf, device=tokens.device)

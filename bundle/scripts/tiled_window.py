@@ -39,12 +39,17 @@ def _axis_layout(radius: int, size: int) -> tuple[int, int, int]:
     return r, t, t + 2 * r
 
 
+def _padded_positions(grid: tuple[int, ...], layout: list[tuple[int, int, int]]) -> int:
+    """Token positions of the grid padded up to whole tiles."""
+    return math.prod(math.ceil(n / t) * t for n, (_, t, _) in zip(grid, layout))
+
+
 def tiled_window_bytes(num_subjects: int, channels: int, grid: tuple[int, ...], radius: int) -> int:
     """Memory ``TiledWindow`` holds besides the tokens: the references in tile order (twice while they are laid out),
     one query's regions and per-tile minima, and the distances held back between pairs (the product blocks are
     bounded separately)."""
     layout = [_axis_layout(radius, n) for n in grid]
-    padded = math.prod(math.ceil(n / t) * t for n, (_, t, _) in zip(grid, layout))
+    padded = _padded_positions(grid, layout)
     expansion = math.prod(w / t for _, t, w in layout)
     laid_out = num_subjects * (2 * channels + 1) + expansion * (channels + 1 + num_subjects)
     return int(_BYTES * padded * laid_out) + held_bytes(num_subjects, padded, _BYTES)
@@ -54,8 +59,7 @@ def tiled_window_flops(channels: int, grid: tuple[int, ...], radius: int) -> int
     """Floating-point operations of one pair's products (each reference position against its query region): what
     the padded tiles cost, against ``2 C (2r+1)^3`` per token for the window alone."""
     layout = [_axis_layout(radius, n) for n in grid]
-    padded = math.prod(math.ceil(n / t) * t for n, (_, t, _) in zip(grid, layout))
-    return 2 * channels * padded * math.prod(w for _, _, w in layout)
+    return 2 * channels * _padded_positions(grid, layout) * math.prod(w for _, _, w in layout)
 
 
 def _pad(x: torch.Tensor, padding: list[int], value: float = 0.0) -> torch.Tensor:
