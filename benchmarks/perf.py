@@ -308,10 +308,14 @@ def musc_scores(z: torch.Tensor, i: int, alpha: float) -> torch.Tensor:
 
 
 PEER_SHAPES = {"3d": (16, 16, 16, CHANNELS), "musc_2d": (37, 37, 1, 1024)}  # MuSc's own: ViT-L/14 at 518 px
+PEER_SECONDS = 2.0  # a run of tens of ms, timed once, is mostly the machine's noise: the median of runs this long
 
 
-def measure_peer(shape: str, n: int, impl: str, budget_mb: float, threads: int | None = None) -> dict:
-    """One peer measurement in this (fresh) process: seconds per scored subject when the whole cohort is scored.
+def measure_peer(
+    shape: str, n: int, impl: str, budget_mb: float, threads: int | None = None, memory: bool = False
+) -> dict:
+    """One peer measurement in this (fresh) process: seconds per scored subject when the whole cohort is scored (the
+    median of as many runs as fit in ``PEER_SECONDS``, at least one), or with ``memory`` the working memory of one run.
 
     All tokens are valid and CS3F averages as many subjects as MuSc (``int(alpha (N-1))``; by default CS3F takes
     the ceiling, see ``scoring.num_closest``), so the scores must agree."""
@@ -338,18 +342,24 @@ def measure_peer(shape: str, n: int, impl: str, budget_mb: float, threads: int |
     while chooser and chooser.chosen is None:
         chooser(score)  # the trials are the warm-up
     run(score)  # warm-up under the chosen count
-    base = memory_baseline()
-    start = time.perf_counter()
-    out = run(score)
-    elapsed = time.perf_counter() - start
-    peak = memory_peak()
+    seconds, working_mb = [], math.nan
+    if memory:
+        base = memory_baseline()
+        out = run(score)
+        working_mb = max(0, memory_peak() - base) / 2**20
+    else:
+        while not seconds or sum(seconds) < PEER_SECONDS:
+            start = time.perf_counter()
+            out = run(score)
+            seconds.append(time.perf_counter() - start)
     return {
         "shape": shape,
         "n": n,
         "impl": impl,
         "threads": chooser.chosen if chooser else torch.get_num_threads(),
-        "s_per_subject": elapsed / n,
-        "working_mb": max(0, peak - base) / 2**20,
+        "s_per_subject": statistics.median(seconds) / n if seconds else math.nan,
+        "runs": len(seconds),
+        "working_mb": working_mb,
         "checksum": float(out.double().sum()),
         "gflops_distances": 2 * c * math.prod(grid) ** 2 * (n - 1) / 1e9,  # all ordered pairs, per scored subject
     }
@@ -385,7 +395,7 @@ def bench_peer(args: argparse.Namespace) -> list[dict]:
             for shape, n in cases:
                 for impl in ("musc", "global", "window"):
                     spec = {"shape": shape, "n": n, "impl": impl, "budget_mb": args.budget_mb}
-                    row = measure_child(args.repeats, "--measure_peer", spec)
+                    row = measure_child(args.repeats, "--measure_peer", spec, memory_apart=True)
                     rows.append(
                         {**row, "competitors": load, "matmul_gflops": matmul / 1e9, "read_gb_s": bandwidth / 1e9}
                     )
@@ -393,20 +403,21 @@ def bench_peer(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def measure_child(repeats: int, flag: str, spec: dict) -> dict:
+def measure_child(repeats: int, flag: str, spec: dict, memory_apart: bool = False) -> dict:
     """Median time of ``repeats`` fresh processes running ``perf.py <flag> <spec>``; memory from one more whose
-    allocator returns freed memory at once."""
+    allocator returns freed memory at once (``memory_apart``: told so by ``memory: true``, and the timed ones by
+    ``memory: false``)."""
 
-    def run(env: dict[str, str]) -> dict:
-        cmd = [sys.executable, __file__, flag, json.dumps(spec)]
+    def run(env: dict[str, str], memory: bool) -> dict:
+        cmd = [sys.executable, __file__, flag, json.dumps({**spec, "memory": memory} if memory_apart else spec)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, **env}).stdout
         return json.loads(out.strip().splitlines()[-1])
 
-    timed = [run({}) for _ in range(repeats)]
+    timed = [run({}, memory=False) for _ in range(repeats)]
     row = dict(timed[0])
     row["s_per_subject"] = statistics.median(r["s_per_subject"] for r in timed)
     row["s_per_subject_range"] = [min(r["s_per_subject"] for r in timed), max(r["s_per_subject"] for r in timed)]
-    row["working_mb"] = run(EXACT_RSS_ENV)["working_mb"]
+    row["working_mb"] = run(EXACT_RSS_ENV, memory=True)["working_mb"]
     row["repeats"] = repeats
     return row
 
@@ -524,6 +535,8 @@ def peer_markdown(rows: list[dict]) -> list[str]:
         "once, both directions taken from it (`scripts/pair_rows.py`), `global` as one distance matrix per pair (row "
         "and column minima), `window` as tiled matrix products (`scripts/tiled_window.py`), each under the faster of "
         "all physical cores and one thread, timed on its first units (`scripts/threads.py`; `threads` says which). "
+        f"Seconds: after the warm-up, the median of as many runs as fit in {PEER_SECONDS:g} s (at least one) in each "
+        "of `--repeats` fresh processes, the median of those (their range in brackets); memory from one more process. "
         "`fraction of matmul` counts the FLOPs each does (one product per pair; window's padded tiles, "
         "`tiled_window_flops`) against a 2048^2 matrix product measured in the same run and load; `x memory bound` is "
         "window's time over reading every other subject's tokens once at the streaming bandwidth measured in the same "

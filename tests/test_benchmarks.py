@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
+import math
 from pathlib import Path
 
 import pytest
@@ -78,3 +80,17 @@ def test_peer_table_reports_the_load_ratio(perf):
     text = "\n".join(perf.peer_markdown(rows))
     assert "| 16^3 x 64 | 8 | quiet | 1.000" in text and "2 busy processes" in text
     assert "global 1.00, window 1.00" in text  # load costs both the same here
+
+
+def test_peer_measurement_times_runs_or_measures_memory(perf, monkeypatch):
+    """A timed process takes the median of repeated runs (one run of a few ms is mostly noise) and measures no
+    memory; the memory process measures one run and reports no time."""
+    monkeypatch.setattr(perf, "PEER_SECONDS", 0.35)
+    clock = itertools.count(step=0.1)  # every run takes 0.1 s on this clock
+    with monkeypatch.context() as patched:
+        patched.setattr(perf.time, "perf_counter", lambda: next(clock))
+        timed = perf.measure_peer("3d", 5, "window", 16, threads=1)
+    assert timed["runs"] == 4 and timed["s_per_subject"] == pytest.approx(0.1 / 5) and math.isnan(timed["working_mb"])
+    memory = perf.measure_peer("3d", 5, "window", 16, threads=1, memory=True)
+    assert memory["runs"] == 0 and math.isnan(memory["s_per_subject"]) and memory["working_mb"] >= 0
+    assert memory["checksum"] == timed["checksum"]  # the same scores either way

@@ -32,7 +32,7 @@ def each_pair_once(num_subjects: int, to_later: ToLater) -> Iterator[tuple[int, 
         to_them, from_them = to_later(i)
         for offset, distances in enumerate(from_them):
             earlier[i + 1 + offset].append(distances.clone())  # a copy: the block it came from can go
-        yield i, torch.cat([torch.stack(earlier[i]), to_them]) if earlier[i] else to_them
+        yield i, torch.cat([*(row[None] for row in earlier[i]), to_them])  # one copy
         earlier[i] = []
 
 

@@ -88,9 +88,9 @@ class TiledWindow:
         padding = [0, 0, 0, 0, 0, 0]
         for axis, (size, (_, t, _), count) in enumerate(zip(grid, self.layout, self.tiles)):
             padding[5 - 2 * axis] = count * t - size
-        squares = tokens.square().sum(1).masked_fill(~valid, math.inf)
+        self.squares = tokens.square().sum(1).masked_fill(~valid, math.inf)  # (N, X, Y, Z), as reference and query
         self.refs = self._tile_order(_pad(tokens, padding).permute(0, 2, 3, 4, 1))  # one contiguous copy
-        self.ref_squares = self._tile_order(_pad(squares, padding, value=math.inf)).flatten(0, 2)
+        self.ref_squares = self._tile_order(_pad(self.squares, padding, value=math.inf)).flatten(0, 2)
         self.refs = self.refs.flatten(0, 2)  # (tiles, N, t^3, C): a run of subjects is one matrix per tile
         # inf where reference position d of a tile and query position (shift, e) of its region are further than r
         near = []
@@ -120,13 +120,17 @@ class TiledWindow:
         extra = [0, 0, 0, 0, 0, 0]
         for axis, (size, (r, t, w), count) in enumerate(zip(self.grid, self.layout, self.tiles)):
             extra[5 - 2 * axis - 1 : 6 - 2 * axis] = [r, (count + w // t - 1) * t - size - r]
-        squares = self.tokens[i].square().sum(0).masked_fill(~self.valid[i], math.inf)
         query = self._tile_order(F.pad(self.tokens[i], extra).permute(1, 2, 3, 0)[None])[..., 0, :, :]
-        squares = self._tile_order(F.pad(squares, extra, value=math.inf)[None])[..., 0, :]
-        nx, ny, nz = self.tiles
-        ahead = [(slice(x, x + nx), slice(y, y + ny), slice(z, z + nz)) for x, y, z in self.shifts]
-        regions = torch.stack([query[sl] for sl in ahead], dim=3)  # (nx, ny, nz, shifts, t^3, C)
-        return regions.flatten(3, 4).flatten(0, 2), torch.stack([squares[sl] for sl in ahead], dim=3).flatten(0, 2)
+        squares = self._tile_order(F.pad(self.squares[i], extra, value=math.inf)[None])[..., 0, :]
+        return self._around_tiles(query).flatten(1, 2), self._around_tiles(squares)
+
+    def _around_tiles(self, tiled: torch.Tensor) -> torch.Tensor:
+        """``(QX, QY, QZ, *rest)`` contiguous, the query's padded grid in tile order -> ``(tiles, shifts, *rest)``:
+        the region of each reference tile, its query tiles at every shift (regions overlap: one strided view of the
+        tiles, then one copy)."""
+        shifts, tile = [w // t for _, t, w in self.layout], tiled.stride()
+        view = tiled.as_strided((*self.tiles, *shifts, *tiled.shape[3:]), (*tile[:3], *tile))
+        return view.reshape(math.prod(self.tiles), math.prod(shifts), *tiled.shape[3:])
 
     def _compare(
         self, query: tuple[torch.Tensor, torch.Tensor], first: int, stop: int, both: bool
