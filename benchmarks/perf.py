@@ -335,7 +335,7 @@ def measure_peer(
                 return torch.stack([musc_scores(z, i, 0.3) for i in range(n)])
             return mutual_scores(tokens, valid, alpha, impl, 1, int(budget_mb * 2**20)).flatten(1)
 
-    # CS3F as the bundle runs it: the first units under each thread count, the rest under the faster (threads);
+    # CS3F as the bundle runs it: a warm-up unit, one unit under each thread count, the rest under the faster;
     # MuSc with torch's default threads, as it ships
     chooser = FastestThreadCount() if impl != "musc" and not threads else None
     run = chooser or (lambda unit: unit())
@@ -417,6 +417,8 @@ def measure_child(repeats: int, flag: str, spec: dict, memory_apart: bool = Fals
     row = dict(timed[0])
     row["s_per_subject"] = statistics.median(r["s_per_subject"] for r in timed)
     row["s_per_subject_range"] = [min(r["s_per_subject"] for r in timed), max(r["s_per_subject"] for r in timed)]
+    if "threads" in row:
+        row["threads"] = [r["threads"] for r in timed]  # each process chooses its own
     row["working_mb"] = run(EXACT_RSS_ENV, memory=True)["working_mb"]
     row["repeats"] = repeats
     return row
@@ -510,6 +512,12 @@ def _ms(row: dict, key: str = "s_per_subject") -> str:
     return f"{row[key]:.3f} ({low:.3f}-{high:.3f})"
 
 
+def _threads(row: dict) -> str:
+    """The thread count each timed process chose, ``2,2,1``."""
+    chosen = row["threads"] if isinstance(row["threads"], list) else [row["threads"]]
+    return ",".join(map(str, chosen))
+
+
 def _ratio(rows: list[dict], matching: str, key: str, small: int, large: int) -> str:
     by_n = {r["n"]: r for r in rows if r["matching"] == matching and r["impl"] == "cs3f"}
     if small not in by_n or large not in by_n:
@@ -534,7 +542,8 @@ def peer_markdown(rows: list[dict]) -> list[str]:
         "(`musc_scores`), with torch's default threads. CS3F as the bundle runs it: each pair of subjects compared "
         "once, both directions taken from it (`scripts/pair_rows.py`), `global` as one distance matrix per pair (row "
         "and column minima), `window` as tiled matrix products (`scripts/tiled_window.py`), each under the faster of "
-        "all physical cores and one thread, timed on its first units (`scripts/threads.py`; `threads` says which). "
+        "all physical cores and one thread, timed on its first units after a warm-up (`scripts/threads.py`; `threads` "
+        "says which). "
         f"Seconds: after the warm-up, the median of as many runs as fit in {PEER_SECONDS:g} s (at least one) in each "
         "of `--repeats` fresh processes, the median of those (their range in brackets); memory from one more process. "
         "`fraction of matmul` counts the FLOPs each does (one product per pair; window's padded tiles, "
@@ -546,7 +555,7 @@ def peer_markdown(rows: list[dict]) -> list[str]:
         "",
         "| tokens | N | load | MuSc s/subject | CS3F global s/subject | global vs MuSc | global, fraction of matmul "
         "| CS3F window s/subject | window vs MuSc | window, fraction of matmul | window x memory bound "
-        "| threads global / window | working MB MuSc / global / window | global same as MuSc |",
+        "| threads global / window (per process) | working MB MuSc / global / window | global same as MuSc |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     names = {"3d": "16^3 x 64", "musc_2d": "37x37 x 1024 (MuSc's 2D shape)"}
@@ -568,7 +577,7 @@ def peer_markdown(rows: list[dict]) -> list[str]:
         lines.append(
             f"| {names[shape]} | {n} | {f'{load} busy processes' if load else 'quiet'} | {_ms(musc)} | {_ms(glob)} | "
             f"{speedups[(shape, n, load)][0]:.1f}x | {100 * actual / glob['matmul_gflops']:.0f} % | {_ms(win)} | "
-            f"{speedups[(shape, n, load)][1]:.1f}x | {window_matmul} | {bound} | {glob['threads']} / {win['threads']} | "
+            f"{speedups[(shape, n, load)][1]:.1f}x | {window_matmul} | {bound} | {_threads(glob)} / {_threads(win)} | "
             f"{musc['working_mb']:.0f} / {glob['working_mb']:.0f} / {win['working_mb']:.0f} | {same} |"
         )
     loaded = [(key, value) for key, value in speedups.items() if key[2]]

@@ -24,7 +24,8 @@ def test_torch_threads_restores_the_previous_count():
 
 
 def test_fastest_thread_count_times_each_candidate_once_then_keeps_the_fastest():
-    """A unit that is slow with 2 threads (a loaded machine): 2 and 1 are tried once each, then 1 is kept."""
+    """A unit that is slow with 2 threads (a loaded machine): after one unit that warms up, 2 and 1 are tried once
+    each, then 1 is kept."""
     seen = []
 
     def unit() -> int:
@@ -34,9 +35,23 @@ def test_fastest_thread_count_times_each_candidate_once_then_keeps_the_fastest()
 
     run = FastestThreadCount((2, 1))
     assert run.chosen is None
-    assert [run(unit) for _ in range(5)] == [1, 2, 3, 4, 5]  # every result is returned, no unit runs twice
-    assert seen == [2, 1, 1, 1, 1]
+    assert [run(unit) for _ in range(6)] == [1, 2, 3, 4, 5, 6]  # every result is returned, no unit runs twice
+    assert seen == [2, 2, 1, 1, 1, 1]
     assert run.chosen == 1 and set(run.seconds) == {1, 2}
+
+
+def test_the_warm_up_unit_is_not_timed():
+    """A process's first unit is slow whatever the count (one-time costs): timing it would pick the other count."""
+    seen = []
+
+    def unit() -> None:
+        time.sleep(0.2 if not seen else 0.01 if torch.get_num_threads() == 2 else 0.05)
+        seen.append(torch.get_num_threads())
+
+    run = FastestThreadCount((2, 1))
+    for _ in range(4):
+        run(unit)
+    assert seen == [2, 2, 1, 2] and run.chosen == 2
 
 
 @pytest.mark.parametrize("matching", ["window", "global"])

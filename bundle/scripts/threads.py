@@ -5,8 +5,8 @@ ending at a barrier where all threads wait for the slowest: on a machine shared 
 that loses its core stalls every op, and two threads can be slower than one (``benchmarks/perf.py --only peer``
 measures this: window scoring 3x slower with two threads than with one next to two busy processes, 1.7x faster on
 a quiet machine). Which count is faster depends on the load at the time, so :class:`FastestThreadCount` measures it on
-the run's own work: the first repeated units run once under each candidate, the rest under the fastest. Results do not
-depend on the thread count (tested).
+the run's own work: after one unit that warms up, the next units run once under each candidate, the rest under the
+fastest. Results do not depend on the thread count (tested).
 """
 
 from __future__ import annotations
@@ -54,8 +54,11 @@ def torch_threads(count: int) -> Iterator[None]:
 class FastestThreadCount:
     """Run repeated units of work (say, the scoring of each token group) under the fastest of a few thread counts.
 
-    The first units run once under each candidate and are timed; every later unit runs under the fastest. No work is
-    repeated: the trial units' results are the results. Meant for units of similar cost.
+    The first unit runs under the first candidate and is not timed: it also pays what a process pays once (lazily
+    loaded kernels, the thread pool, memory touched for the first time; measured: a first window scoring of 8 subjects
+    took 37-45 ms with 2 threads, the later ones 24-31 ms, and 37-46 ms with 1 thread, so timing it chose 1 thread
+    about one time in five). The next units run once under each candidate and are timed; every later unit runs under
+    the fastest. No work is repeated: the trial units' results are the results. Meant for units of similar cost.
 
     Args:
         candidates: thread counts to try, in order (default: all physical cores, then one).
@@ -64,6 +67,7 @@ class FastestThreadCount:
     def __init__(self, candidates: Sequence[int] | None = None) -> None:
         self.candidates = list(dict.fromkeys(candidates or (physical_cores(), 1)))
         self.seconds: dict[int, float] = {}
+        self.warmed_up = False
 
     @property
     def chosen(self) -> int | None:
@@ -73,6 +77,10 @@ class FastestThreadCount:
         return min(self.seconds, key=self.seconds.__getitem__)
 
     def __call__(self, unit: Callable[[], Result]) -> Result:
+        if not self.warmed_up:
+            self.warmed_up = True
+            with torch_threads(self.candidates[0]):
+                return unit()
         untried = [count for count in self.candidates if count not in self.seconds]
         count = untried[0] if untried else self.chosen
         with torch_threads(count):
