@@ -597,14 +597,20 @@ def peer_markdown(rows: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def _measured_on(result: dict, part: str) -> str:
+    """Where and with which bundle a part was measured: parts are re-run apart, on whatever machine was lent."""
+    where = result.get("measured_on", {}).get(part)
+    return f"{where['device']}, bundle {where['bundle']}" if where else "device and bundle not recorded: before 0.9.2"
+
+
 def markdown(result: dict) -> str:
     commands = result.get("commands", {})
     lines = [
         "# Performance",
         "",
-        *(f"Command ({part}): `{cmd}`  " for part, cmd in commands.items()),
-        f"Device: {result['device']}  ",
-        f"Versions: {', '.join(f'{k} {v}' for k, v in result['versions'].items())}",
+        *(f"Command ({part}): `{cmd}` ({_measured_on(result, part)})  " for part, cmd in commands.items()),
+        f"Device of the latest run: {result['device']}  ",
+        f"Versions of the latest run: {', '.join(f'{k} {v}' for k, v in result['versions'].items())}",
         "",
         "Times are medians over fresh processes (range in brackets). Working memory is the peak resident memory "
         "of the computation minus what the process held before it, after a warm-up (CPU: the kernel's peak-RSS "
@@ -764,6 +770,10 @@ def main() -> None:
     for part in args.only:
         result[part] = PARTS[part](args)
         commands[part] = "python " + shlex.join(["benchmarks/perf.py", *sys.argv[1:]])
+        result.setdefault("measured_on", {})[part] = {
+            "device": result["device"],
+            "bundle": result["versions"]["bundle"],
+        }
     write_json(result, results / "perf.json")
     with atomic_path(results / "perf.md") as tmp:
         tmp.write_text(markdown(result))

@@ -94,3 +94,16 @@ def test_peer_measurement_times_runs_or_measures_memory(perf, monkeypatch):
     memory = perf.measure_peer("3d", 5, "window", 16, threads=1, memory=True)
     assert memory["runs"] == 0 and math.isnan(memory["s_per_subject"]) and memory["working_mb"] >= 0
     assert memory["checksum"] == timed["checksum"]  # the same scores either way
+
+
+def test_each_part_names_the_machine_and_bundle_it_was_measured_with(perf):
+    """Parts are re-run apart, on whatever machine was lent: the report says which measured each one."""
+    result = {
+        "commands": {"peer": "python benchmarks/perf.py --only peer", "demo": "python benchmarks/perf.py --only demo"},
+        "measured_on": {"peer": {"device": "machine B", "bundle": "0.9.2"}},
+        "device": "machine B",
+        "versions": {"bundle": "0.9.2"},
+    }
+    text = perf.markdown(result)
+    assert "--only peer` (machine B, bundle 0.9.2)" in text
+    assert "--only demo` (device and bundle not recorded" in text
