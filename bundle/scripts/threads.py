@@ -4,9 +4,9 @@ Big matrix products (the encoder, global matching) use every physical core. Scor
 ending at a barrier where all threads wait for the slowest: on a machine shared with other busy processes a thread
 that loses its core stalls every op, and two threads can be slower than one (``benchmarks/perf.py --only peer``
 measured it for 0.8.1: window scoring 3x slower with two threads than with one next to two busy processes, 1.7x
-faster on a quiet machine). Which count is faster depends on the load at the time, so :class:`FastestThreadCount` measures it on
-the run's own work: after one unit that warms up, the next units run once under each candidate, the rest under the
-fastest. Results do not depend on the thread count (tested).
+faster on a quiet machine). Which count is faster depends on the load at the time, so :class:`FastestThreadCount`
+measures it on the run's own work: after one unit that warms up, the next units run once under each candidate, the
+rest under the fastest. Results do not depend on the thread count (tested).
 """
 
 from __future__ import annotations
