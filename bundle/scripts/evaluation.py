@@ -5,6 +5,10 @@ voxel AUROC and average precision (scikit-learn), the best Dice over all thresho
 run's operating threshold, and, when the cohort mixes healthy and lesion subjects, the subject-level AUROC
 of the subject scores.
 
+A re-run keeps a subject's ``<id>_eval.png`` when nothing it shows changed (the subject's results, ground truth and
+mask, by content; ``metrics.json`` records the key), as the run keeps its other files: drawing is most of the time
+of an evaluation whose metrics are computed again.
+
 ``GroundTruthEvaluation`` is a handler of the bundle's evaluator (``configs/evaluate.json`` lists it): when the
 cohort's results are written (``CohortEvents.COHORT_COMPLETED``) it reads them back and evaluates them. The
 demo is the same evaluation of a phantom cohort, with a report of its own (``demo.DemoReport``).
@@ -12,6 +16,8 @@ demo is the same evaluation of a phantom cohort, with a report of its own (``dem
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,6 +33,7 @@ from .metrics import subject_metrics
 from .outputs import atomic_path, subject_files, write_csv, write_json
 from .overview import TRUTH_COLOUR, save_overview
 from .run_report import RunReport, backbone_note
+from .token_cache import file_digest, files_intact
 from .values import as_bool
 
 __all__ = ["GroundTruthEvaluation", "METRIC_FIELDS"]
@@ -55,6 +62,20 @@ def _load_with_affine(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 def _load(path: str | Path) -> np.ndarray:
     return _load_with_affine(path)[0]
+
+
+def _figure_key(result: Mapping[str, Any] | None, label: Path | None, mask: Path | None) -> str | None:
+    """What a subject's evaluation figure shows: its written results (the run's key and file digests, which cover the
+    input image and heat map), its ground truth and mask, by content; ``None`` when the run did not record them."""
+    if not isinstance(result, Mapping) or "key" not in result:
+        return None
+    shown = {
+        "result": result["key"],
+        "files": result.get("files"),
+        "truth": file_digest(label) if label is not None else None,
+        "mask": file_digest(mask) if mask is not None else None,
+    }
+    return hashlib.sha256(json.dumps(shown, sort_keys=True).encode()).hexdigest()
 
 
 class GroundTruthEvaluation:
@@ -108,6 +129,7 @@ class GroundTruthEvaluation:
         """Metrics of every written subject and pooled; writes ``metrics.csv``, ``metrics.md``, ``metrics.json``."""
         rows, pooled_scores, pooled_truth, pooled_flagged, subject_scores, healthy = [], [], [], [], [], []
         seconds = (report.timings.get("total_s", float("nan"))) / max(1, len(report.subjects))
+        drawn_before, figures = self._previous_figures(), {}
         for result in report.subjects:
             sid = result["subject"]
             files = subject_files(self.output_dir, sid)
@@ -133,7 +155,13 @@ class GroundTruthEvaluation:
             subject_scores.append(result["subject_score"])
             healthy.append(not truth.any())
             if self.figures:
-                self._figure(result["image"], heat, truth, files["overview"].with_name(f"{sid}_eval.png"), row)
+                path = files["overview"].with_name(f"{sid}_eval.png")
+                key = _figure_key(report.results.get(sid), label, mask_file)
+                figures[sid] = self._up_to_date(drawn_before.get(sid), key, path)
+                if figures[sid] is None:
+                    self._figure(result["image"], heat, truth, path, row)
+                    figures[sid] = {"key": key, "file": path.relative_to(self.output_dir).as_posix()}
+                    figures[sid]["sha256"] = file_digest(path)
         if (
             self.label_pattern
             and rows
@@ -153,6 +181,7 @@ class GroundTruthEvaluation:
             "pooled": pooled,
             "subject_auroc": float(roc_auc_score([not h for h in healthy], subject_scores)) if mixed else float("nan"),
             "subjects": rows,
+            "figures": figures,  # per subject: what its <id>_eval.png shows (a key) and the file's SHA-256
             "operating_threshold": report.threshold,
             "timings_s": report.timings,
             "backbone": {
@@ -173,6 +202,23 @@ class GroundTruthEvaluation:
         if self.verbose:
             print(text)
         return summary
+
+    def _previous_figures(self) -> dict[str, Any]:
+        """The figures the last evaluation into ``output_dir`` drew (``metrics.json``), ``{}`` if unreadable."""
+        try:
+            figures = json.loads((self.output_dir / "metrics.json").read_text()).get("figures", {})
+        except (OSError, ValueError, AttributeError):
+            return {}
+        return figures if isinstance(figures, dict) else {}
+
+    def _up_to_date(self, before: Any, key: str | None, path: Path) -> dict[str, Any] | None:
+        """The previous record of a figure when it shows the same (``key``) and the file is intact, else ``None``."""
+        if key is None or not isinstance(before, Mapping) or before.get("key") != key:
+            return None
+        name = path.relative_to(self.output_dir).as_posix()
+        if before.get("file") != name or not files_intact({name: str(before.get("sha256"))}, self.output_dir):
+            return None
+        return dict(before)
 
     @staticmethod
     def _figure(image_path: str, heat: np.ndarray, truth: np.ndarray, path: Path, row: Mapping[str, Any]) -> None:
