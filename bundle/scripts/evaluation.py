@@ -156,12 +156,12 @@ class GroundTruthEvaluation:
             healthy.append(not truth.any())
             if self.figures:
                 path = files["overview"].with_name(f"{sid}_eval.png")
+                name = path.relative_to(self.output_dir).as_posix()
                 key = _figure_key(report.results.get(sid), label, mask_file)
-                figures[sid] = self._up_to_date(drawn_before.get(sid), key, path)
+                figures[sid] = self._up_to_date(drawn_before.get(sid), key, name)
                 if figures[sid] is None:
                     self._figure(result["image"], heat, truth, path, row)
-                    figures[sid] = {"key": key, "file": path.relative_to(self.output_dir).as_posix()}
-                    figures[sid]["sha256"] = file_digest(path)
+                    figures[sid] = {"key": key, "file": name, "sha256": file_digest(path)}
         if (
             self.label_pattern
             and rows
@@ -211,11 +211,11 @@ class GroundTruthEvaluation:
             return {}
         return figures if isinstance(figures, dict) else {}
 
-    def _up_to_date(self, before: Any, key: str | None, path: Path) -> dict[str, Any] | None:
-        """The previous record of a figure when it shows the same (``key``) and the file is intact, else ``None``."""
+    def _up_to_date(self, before: Any, key: str | None, name: str) -> dict[str, Any] | None:
+        """The previous record of figure ``name`` (relative to ``output_dir``) when it shows the same (``key``) and the
+        file is intact, else ``None``."""
         if key is None or not isinstance(before, Mapping) or before.get("key") != key:
             return None
-        name = path.relative_to(self.output_dir).as_posix()
         if before.get("file") != name or not files_intact({name: str(before.get("sha256"))}, self.output_dir):
             return None
         return dict(before)
