@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from scripts import threads
 from scripts.scoring import mutual_scores
 from scripts.threads import FastestThreadCount, physical_cores, torch_threads
 
@@ -64,3 +65,21 @@ def test_scores_do_not_depend_on_the_thread_count(matching):
     with torch_threads(1):
         one = mutual_scores(tokens, valid, 0.3, matching, 1)
     assert torch.equal(two.nan_to_num(), one.nan_to_num())
+
+
+def test_scoring_has_each_thread_count_make_its_first_vector_math_call_on_throwaway_data(monkeypatch):
+    """The scores' square roots are never a thread's first VML call (see ``threads.ready_vector_math``): scoring
+    readies the count it runs with, once."""
+    g = torch.Generator().manual_seed(0)
+    tokens, valid = torch.randn(4, 8, 4, 4, 4, generator=g), torch.ones(4, 4, 4, 4, dtype=torch.bool)
+    monkeypatch.setattr(threads, "_VECTOR_MATH_READY", set())
+    calls = []
+    real_ones = torch.ones
+    monkeypatch.setattr(torch, "ones", lambda *size, **kw: calls.append(size) or real_ones(*size, **kw))
+    with torch_threads(2):
+        mutual_scores(tokens, valid, 0.3, "window", 1)
+        mutual_scores(tokens, valid, 0.3, "global", 1)
+    with torch_threads(1):
+        mutual_scores(tokens, valid, 0.3, "window", 1)
+    assert threads._VECTOR_MATH_READY == {1, 2}
+    assert calls == [(2 * 2048,), (2048,)]
