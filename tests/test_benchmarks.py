@@ -107,3 +107,17 @@ def test_each_part_names_the_machine_and_bundle_it_was_measured_with(perf):
     text = perf.markdown(result)
     assert "--only peer` (machine B, bundle 0.9.2)" in text
     assert "--only demo` (device and bundle not recorded" in text
+
+
+def test_vector_math_benchmark_counts_the_processes_whose_two_scorings_differed():
+    spec = importlib.util.spec_from_file_location("vector_math", PERF.parent / "vector_math.py")
+    vector_math = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vector_math)
+    assert vector_math.child("on") == {"mode": "on", "same": True, "max_rel": 0.0}  # a fresh process, as the bundle
+    rows = [
+        {"mode": "off", "same": True, "max_rel": 0.0},
+        {"mode": "off", "same": False, "max_rel": 2.9e-4},
+        {"mode": "on", "same": True, "max_rel": 0.0},
+    ]
+    table = vector_math.markdown(rows, "python benchmarks/vector_math.py", {"torch": "x"})
+    assert "| off | 2 | 1 | 2.9e-04 |" in table and "| on | 1 | 0 | 0.0e+00 |" in table
