@@ -52,6 +52,7 @@ def score_twice(mode: str) -> dict:
 
 
 def child(mode: str) -> dict:
+    """``score_twice(mode)`` in a fresh process: the first call of each thread is the one in question."""
     out = subprocess.run(
         [sys.executable, __file__, "--child", mode], check=True, capture_output=True, text=True, cwd=ROOT
     ).stdout
@@ -59,6 +60,7 @@ def child(mode: str) -> dict:
 
 
 def markdown(rows: list[dict], command: str, info: dict[str, str]) -> str:
+    """The results table: per mode, how many processes' two scorings differed, and by how much at most."""
     lines = [
         "# A fresh process's first CPU square root with two threads",
         "",
