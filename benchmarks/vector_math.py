@@ -91,6 +91,10 @@ def main() -> None:
     if args.child:
         print(json.dumps(score_twice(args.child)))
         return
+    if args.processes < 1:
+        ap.error(
+            f"--processes must be at least 1 (a results file with no process would replace the measured one), got {args.processes}"
+        )
     rows = []
     for k in range(args.processes):
         for mode in MODES:
