@@ -37,7 +37,7 @@ MODES = ("off", "on")
 def score_twice(mode: str) -> dict:
     """In this (fresh) process: score the cohort of ``tests/test_threads.py`` twice with two threads; do they agree?"""
     if mode == "off":
-        scoring.ready_vector_math = lambda: None
+        scoring.ready_vector_math = lambda device: None
     g = torch.Generator().manual_seed(0)
     tokens = torch.randn(6, 16, 8, 8, 8, generator=g)
     valid = torch.rand(6, 8, 8, 8, generator=g) > 0.2

@@ -280,8 +280,7 @@ def mutual_scores(
     n = tokens.shape[0]
     if n < 2:  # a cohort run asks for 3 (engines.MIN_SUBJECTS); a bank's own statistics may have 2 references
         raise ValueError(f"cross-subject scoring needs at least 2 subjects (one scored, one to compare with), got {n}")
-    if tokens.device.type == "cpu":
-        ready_vector_math()  # distances end in sqrt: no thread's first VML call on them
+    ready_vector_math(tokens.device)  # distances end in sqrt: no thread's first VML call on them
     k = num_closest(alpha, n)
     grid = tokens.shape[2:]
     flat = tokens.flatten(2).transpose(1, 2) if matching == "global" else None  # (N, T, C), a view
@@ -361,8 +360,7 @@ def fine_scores(
     Returns:
         ``(*fine_grid)`` scores, NaN where the fine token is invalid or nothing valid was matched.
     """
-    if query.device.type == "cpu":
-        ready_vector_math()
+    ready_vector_math(query.device)
     k, *coarse = chosen.shape
     r = query.shape[1 + axis] // coarse[axis]
     c = query.shape[0]

@@ -53,8 +53,8 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def ready_vector_math() -> None:
-    """Have every intra-op thread make its first call into MKL's vector math (VML) now, on throwaway data.
+def ready_vector_math(device: torch.device) -> None:
+    """Have every intra-op thread make its first call into MKL's vector math (VML) now, on throwaway data (CPU only).
 
     torch's CPU ``sqrt`` runs on VML (MKL 2024.2 inside torch 2.14.1), split among the intra-op threads. Measured: in
     1-8 % of fresh processes, the first ``sqrt`` with two threads, after a batched matrix product and a reduction,
@@ -63,7 +63,7 @@ def ready_vector_math() -> None:
     thread count, microseconds.
     """
     count = torch.get_num_threads()
-    if count not in _VECTOR_MATH_READY:
+    if device.type == "cpu" and count not in _VECTOR_MATH_READY:
         torch.ones(_WARM_UP_PER_THREAD * count).sqrt_()
         _VECTOR_MATH_READY.add(count)
 
