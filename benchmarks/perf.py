@@ -547,7 +547,7 @@ def peer_markdown(rows: list[dict]) -> list[str]:
         "once, both directions taken from it (`scripts/pair_rows.py`), `global` as one distance matrix per pair (row "
         "and column minima), `window` as tiled matrix products (`scripts/tiled_window.py`), each under the faster of "
         "all physical cores and one thread, timed on its first units after a warm-up (`scripts/threads.py`; `threads` "
-        "says which). "
+        "says which): with more than one, the subjects' comparisons run on that many single-threaded workers. "
         f"Seconds: after the warm-up, the median of as many runs as fit in {PEER_SECONDS:g} s (at least one) in each "
         "of `--repeats` fresh processes, the median of those (their range in brackets); memory from one more process. "
         "`fraction of matmul` counts the FLOPs each does (one product per pair; window's padded tiles, "

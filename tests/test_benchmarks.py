@@ -113,11 +113,17 @@ def test_vector_math_benchmark_counts_the_processes_whose_two_scorings_differed(
     spec = importlib.util.spec_from_file_location("vector_math", PERF.parent / "vector_math.py")
     vector_math = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(vector_math)
-    assert vector_math.child("on") == {"mode": "on", "same": True, "max_rel": 0.0}  # a fresh process, as the bundle
+    same = {"same": True, "max_rel": 0.0}
+    assert vector_math.child("on") == {
+        "mode": "on",
+        "workers": same,
+        "intra-op": same,
+    }  # a fresh process, as the bundle
     rows = [
-        {"mode": "off", "same": True, "max_rel": 0.0},
-        {"mode": "off", "same": False, "max_rel": 2.9e-4},
-        {"mode": "on", "same": True, "max_rel": 0.0},
+        {"mode": "off", "workers": same, "intra-op": same},
+        {"mode": "off", "workers": same, "intra-op": {"same": False, "max_rel": 2.9e-4}},
+        {"mode": "on", "workers": same, "intra-op": same},
     ]
     table = vector_math.markdown(rows, "python benchmarks/vector_math.py", {"torch": "x"})
-    assert "| off | 2 | 1 | 2.9e-04 |" in table and "| on | 1 | 0 | 0.0e+00 |" in table
+    assert "| off | intra-op | 2 | 1 | 2.9e-04 |" in table and "| off | workers | 2 | 0 | 0.0e+00 |" in table
+    assert "| on | intra-op | 1 | 0 | 0.0e+00 |" in table

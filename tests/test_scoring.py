@@ -20,6 +20,7 @@ from scripts.scoring import (
     robust_threshold,
     window_offsets,
 )
+from scripts.threads import single_threaded_workers
 from scripts.tiled_window import TiledWindow, tiled_window_bytes
 
 N, C, GRID = 5, 4, (5, 4, 3)
@@ -171,9 +172,11 @@ def test_each_pair_once_equals_each_subject_against_the_others(budget):
         assert torch.isinf(found[:, ~mine]).all()  # invalid tokens of i are never scored
 
 
-def test_each_pair_once_holds_back_only_the_later_subjects_distances():
+@pytest.mark.parametrize("workers", [1, 2])
+def test_each_pair_once_holds_back_only_the_later_subjects_distances(workers):
     """Each subject's row leaves as soon as it is complete: what is kept between pairs is the later subjects'
-    distances to the earlier ones, and a subject is compared only with the later ones."""
+    distances to the earlier ones, and a subject is compared only with the later ones (also when the comparisons
+    run on worker threads, finishing in any order)."""
     n, compared, held = 6, [], []
     alive = set()
 
@@ -182,14 +185,16 @@ def test_each_pair_once_holds_back_only_the_later_subjects_distances():
         rows = torch.arange(n - 1 - i, dtype=torch.float32)[:, None].expand(-1, 2) + 10 * i
         return rows, -rows
 
-    for i, row in each_pair_once(n, to_later):
-        alive.discard(i)
-        alive.update(range(i + 1, n))
-        held.append(len(alive))
-        expected = [-(10 * j + i - j - 1) for j in range(i)] + [10 * i + m for m in range(n - 1 - i)]
-        assert row[:, 0].tolist() == expected  # earlier subjects' columns first, then i's own row, in order
-    assert compared == list(range(n))
+    with single_threaded_workers(workers) as map_in_order:
+        for i, row in each_pair_once(n, to_later, map_in_order):
+            alive.discard(i)
+            alive.update(range(i + 1, n))
+            held.append(len(alive))
+            expected = [-(10 * j + i - j - 1) for j in range(i)] + [10 * i + m for m in range(n - 1 - i)]
+            assert row[:, 0].tolist() == expected  # earlier subjects' columns first, then i's own row, in order
+    assert sorted(compared) == list(range(n))
     assert held_bytes(n, 2) >= (n * n // 4) * 2 * 4
+    assert held_bytes(n, 2, ahead=2) == held_bytes(n, 2) + 2 * 2 * n * 2 * 4  # two comparisons' rows, both ways
 
 
 @pytest.mark.parametrize("matching", ["window", "global"])

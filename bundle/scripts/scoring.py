@@ -6,7 +6,8 @@ anywhere in ``global`` mode); the token's score is the mean of the ``ceil(alpha 
 those distances. Distances are computed in blocks of bounded size and reference subjects are gathered a block at a
 time, so the working memory stays flat whatever the cohort size. Scoring a whole cohort compares each pair of
 subjects once and takes both directions from it (``pair_rows``): one distance matrix per pair in global mode
-(``pairwise_distances_global``), tiled matrix products in window mode (``tiled_window``).
+(``pairwise_distances_global``), tiled matrix products in window mode (``tiled_window``), on as many single-threaded
+workers as torch has intra-op threads (``threads.single_threaded_workers``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .pair_rows import each_pair_once, held_bytes
-from .threads import ready_vector_math
+from .threads import MapInOrder, ready_vector_math, single_threaded_workers
 from .tiled_window import TiledWindow, tiled_window_bytes
 
 __all__ = [
@@ -185,7 +186,7 @@ def nearest_distances_global(
 
 
 def pairwise_distances_global(
-    tokens: torch.Tensor, valid: torch.Tensor, budget_bytes: int = 256 << 20
+    tokens: torch.Tensor, valid: torch.Tensor, budget_bytes: int = 256 << 20, map_in_order: MapInOrder = map
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Nearest distances between every pair of subjects, each pair's distance matrix computed once.
 
@@ -198,7 +199,8 @@ def pairwise_distances_global(
     Args:
         tokens: ``(N, C, T)`` tokens of every subject.
         valid: ``(N, T)`` bool.
-        budget_bytes: bound on the distance block held at once (see ``BLOCK_BYTES``).
+        budget_bytes: bound on the distance block held at once (see ``BLOCK_BYTES``), per comparison running.
+        map_in_order: how the comparisons run (``pair_rows.each_pair_once``).
 
     Yields:
         ``(i, distances)`` for i = 0 .. N-1, ``(N-1, T)`` L2 distances from each token of i to the nearest valid token
@@ -234,7 +236,7 @@ def pairwise_distances_global(
             from_them[m, theirs] = to_i.clamp_(min=0).sqrt_()
         return to_them, from_them
 
-    return each_pair_once(n, to_later)
+    return each_pair_once(n, to_later, map_in_order)
 
 
 def mean_of_closest(distances: torch.Tensor, k: int) -> torch.Tensor:
@@ -280,17 +282,21 @@ def mutual_scores(
     n = tokens.shape[0]
     if n < 2:  # a cohort run asks for 3 (engines.MIN_SUBJECTS); a bank's own statistics may have 2 references
         raise ValueError(f"cross-subject scoring needs at least 2 subjects (one scored, one to compare with), got {n}")
-    ready_vector_math(tokens.device)  # distances end in sqrt: no thread's first VML call on them
     k = num_closest(alpha, n)
     grid = tokens.shape[2:]
     flat = tokens.flatten(2).transpose(1, 2) if matching == "global" else None  # (N, T, C), a view
     flat_valid = valid.flatten(1)
+    # a whole cohort's comparisons run on single-threaded workers, as many as torch has intra-op threads (the threads
+    # meet once per subject instead of at every op: threads.single_threaded_workers)
+    whole_cohort = subjects is None and not return_selection
+    workers = torch.get_num_threads() if whole_cohort and tokens.device.type == "cpu" else 1
+    ahead = workers if workers > 1 else 0
     # window mode without selection: tiled matrix products, the references laid out once, when that fits the budget
     tiled = (
         TiledWindow(tokens, valid, radius, block_bytes(budget_bytes))
         if flat is None
         and not return_selection
-        and tiled_window_bytes(n, tokens.shape[1], tuple(grid), radius) <= budget_bytes
+        and tiled_window_bytes(n, tokens.shape[1], tuple(grid), radius, ahead) <= budget_bytes
         else None
     )
 
@@ -305,24 +311,28 @@ def mutual_scores(
             return nearest_distances_window(tokens[i], tokens, valid, radius, budget_bytes, return_selection, others)
         return nearest_distances_global(flat[i], flat, flat_valid, budget_bytes, return_selection, others)
 
-    # the whole cohort: each pair once, when what is held back between pairs fits the budget
-    whole_cohort = subjects is None and not return_selection
-    if whole_cohort and tiled is not None:
-        found_per_subject = tiled.each_subject()
-    elif whole_cohort and flat is not None and held_bytes(n, flat.shape[1]) <= budget_bytes:
-        found_per_subject = pairwise_distances_global(tokens.flatten(2), flat_valid, budget_bytes)
-    else:
-        found_per_subject = ((i, one_by_one(i)) for i in (range(n) if subjects is None else subjects))
+    # the whole cohort each pair once, when what is held back between pairs fits the budget
+    pairwise = whole_cohort and (
+        tiled is not None or (flat is not None and held_bytes(n, flat.shape[1], ahead=ahead) <= budget_bytes)
+    )
     scores, chosen, matches = [], [], []
-    for i, found in found_per_subject:
-        d, where = found if return_selection else (found, None)
-        d = d.view(-1, *grid)
-        s = mean_of_closest(d, k)
-        scores.append(torch.where(valid[i], s, math.nan))
-        if return_selection:
-            closest = d.topk(min(k, d.shape[0]), dim=0, largest=False).indices
-            chosen.append(others_of(i)[closest])
-            matches.append(where.view(-1, *grid).gather(0, closest))
+    with single_threaded_workers(workers if pairwise else 1) as map_in_order:
+        ready_vector_math(tokens.device)  # distances end in sqrt: no thread's first VML call on them
+        if not pairwise:
+            found_per_subject = ((i, one_by_one(i)) for i in (range(n) if subjects is None else subjects))
+        elif tiled is not None:
+            found_per_subject = tiled.each_subject(map_in_order)
+        else:
+            found_per_subject = pairwise_distances_global(tokens.flatten(2), flat_valid, budget_bytes, map_in_order)
+        for i, found in found_per_subject:
+            d, where = found if return_selection else (found, None)
+            d = d.view(-1, *grid)
+            s = mean_of_closest(d, k)
+            scores.append(torch.where(valid[i], s, math.nan))
+            if return_selection:
+                closest = d.topk(min(k, d.shape[0]), dim=0, largest=False).indices
+                chosen.append(others_of(i)[closest])
+                matches.append(where.view(-1, *grid).gather(0, closest))
     if return_selection:
         return torch.stack(scores), torch.stack(chosen), torch.stack(matches)
     return torch.stack(scores)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .pair_rows import each_pair_once, held_bytes
+from .threads import MapInOrder
 
 __all__ = ["TiledWindow", "tiled_window_bytes", "tiled_window_flops"]
 
@@ -44,15 +45,15 @@ def _padded_positions(grid: tuple[int, ...], layout: list[tuple[int, int, int]])
     return math.prod(math.ceil(n / t) * t for n, (_, t, _) in zip(grid, layout))
 
 
-def tiled_window_bytes(num_subjects: int, channels: int, grid: tuple[int, ...], radius: int) -> int:
+def tiled_window_bytes(num_subjects: int, channels: int, grid: tuple[int, ...], radius: int, ahead: int = 0) -> int:
     """Memory ``TiledWindow`` holds besides the tokens: the references in tile order (twice while they are laid out),
-    one query's regions and per-tile minima, and the distances held back between pairs (the product blocks are
-    bounded separately)."""
+    one query's regions and per-tile minima, and the distances held back between pairs, with ``ahead`` comparisons
+    running ahead (the product blocks are bounded separately)."""
     layout = [_axis_layout(radius, n) for n in grid]
     padded = _padded_positions(grid, layout)
     expansion = math.prod(w / t for _, t, w in layout)
     laid_out = num_subjects * (2 * channels + 1) + expansion * (channels + 1 + num_subjects)
-    return int(_BYTES * padded * laid_out) + held_bytes(num_subjects, padded, _BYTES)
+    return int(_BYTES * padded * laid_out) + held_bytes(num_subjects, padded, _BYTES, ahead)
 
 
 def tiled_window_flops(channels: int, grid: tuple[int, ...], radius: int) -> int:
@@ -195,7 +196,8 @@ class TiledWindow:
         n, query = self.tokens.shape[0], self._regions(i)
         return torch.cat([self._compare(query, 0, i, False)[0], self._compare(query, i + 1, n, False)[0]])
 
-    def each_subject(self) -> Iterator[tuple[int, torch.Tensor]]:
-        """``(i, distances(i))`` for every subject in order, each pair of subjects compared once."""
+    def each_subject(self, map_in_order: MapInOrder = map) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(i, distances(i))`` for every subject in order, each pair of subjects compared once (the comparisons run
+        as ``map_in_order`` runs them, see ``pair_rows.each_pair_once``)."""
         n = self.tokens.shape[0]
-        return each_pair_once(n, lambda i: self._compare(self._regions(i), i + 1, n, True))
+        return each_pair_once(n, lambda i: self._compare(self._regions(i), i + 1, n, True), map_in_order)
