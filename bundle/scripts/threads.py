@@ -101,9 +101,10 @@ def single_threaded_workers(count: int) -> Iterator[MapInOrder]:
 
     Independent units of medium-sized ops (a subject compared with the later ones) split among intra-op threads wait at
     every op's barrier for the slowest thread; on worker threads they only meet when a result is taken. Measured
-    (bundle 0.9.5, 2 cores, 32 subjects of 16^3 x 64 tokens, one subject against the later ones, ms per subject):
-    window 8.8-9.7 with 2 intra-op threads, 8.7-9.3 with 2 workers on a quiet machine, 36-41 and 18 next to 2 busy
-    processes; global 460-482 and 423-545 quiet, 2717 and 891 loaded. Results are the same to the bit.
+    (2 cores, 32 subjects of 16^3 x 64 tokens, each subject against the later ones, ms per subject, 2 intra-op threads
+    against 2 workers): window 8.8-9.7 and 8.7-9.3 on a quiet machine, 36-41 and 18 next to 2 busy processes; global
+    460-482 and 423-545 quiet, 2717 and 891 loaded (``benchmarks/perf.py --only peer`` has the whole scoring). Results
+    are the same to the bit.
 
     At most ``count`` calls run ahead of the result last taken, so memory stays bounded. While open, the calling thread
     also runs torch on one thread (its work on each result would otherwise compete with the workers); on exit torch's
