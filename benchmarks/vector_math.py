@@ -1,7 +1,7 @@
 """Does a fresh process score a cohort the same twice? torch's first CPU ``sqrt`` on each thread, with and without
 ``threads.warm_up_vector_math``.
 
-    python benchmarks/vector_math.py        # about 10 min on 2 CPU cores
+    python benchmarks/vector_math.py        # 10 to 20 min on 2 CPU cores
 
 torch's CPU ``sqrt`` appears to run on MKL's vector math (VML). With torch 2.14.1, when two threads made their first
 call at once, right after a batched matrix product and a reduction, one thread's half of the result came back with up
