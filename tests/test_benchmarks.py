@@ -114,11 +114,8 @@ def test_vector_math_benchmark_counts_the_processes_whose_two_scorings_differed(
     vector_math = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(vector_math)
     same = {"same": True, "max_rel": 0.0}
-    assert vector_math.child("on") == {
-        "mode": "on",
-        "workers": same,
-        "intra-op": same,
-    }  # a fresh process, as the bundle
+    as_the_bundle = vector_math.child("on")  # a fresh process, as the bundle runs
+    assert as_the_bundle == {"mode": "on", "workers": same, "intra-op": same}
     rows = [
         {"mode": "off", "workers": same, "intra-op": same},
         {"mode": "off", "workers": same, "intra-op": {"same": False, "max_rel": 2.9e-4}},

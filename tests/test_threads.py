@@ -134,6 +134,14 @@ def test_every_thread_that_scores_makes_its_first_vector_math_call_on_throwaway_
         return real_sqrt(self)
 
     monkeypatch.setattr(torch.Tensor, "sqrt_", recorded_sqrt)
+    warm_ups = []  # (thread, intra-op count) of every warm-up
+    real_warm_up = threads.warm_up_vector_math
+
+    def recorded_warm_up(count: int) -> None:
+        warm_ups.append((threading.current_thread(), count))
+        real_warm_up(count)
+
+    monkeypatch.setattr(threads, "warm_up_vector_math", recorded_warm_up)
     with torch_threads(2):
         for matching in ("window", "global"):
             mutual_scores(tokens, valid, 0.3, matching, 1)  # the whole cohort: on 2 workers
@@ -149,3 +157,9 @@ def test_every_thread_that_scores_makes_its_first_vector_math_call_on_throwaway_
         (threading.main_thread(), 1),
     }
     assert all(elements == 2048 * count for (_, count), elements in first_sqrt.items())
+    main = [count for thread, count in warm_ups if thread is threading.main_thread()]
+    # each count once, not once per scoring: 1 beside the workers, then 2 for one subject at a time
+    assert main == [1, 2]
+    assert sorted(thread.name for thread, count in warm_ups if thread in workers and count == 1) == sorted(
+        thread.name for thread in workers
+    )  # and each worker once, when it starts

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .pair_rows import each_pair_once, held_bytes
-from .threads import MapInOrder, ready_vector_math, single_threaded_workers
+from .threads import MapInOrder, calls_ahead, ready_vector_math, single_threaded_workers
 from .tiled_window import TiledWindow, tiled_window_bytes
 
 __all__ = [
@@ -290,7 +290,7 @@ def mutual_scores(
     # meet once per subject instead of at every op: threads.single_threaded_workers)
     whole_cohort = subjects is None and not return_selection
     workers = torch.get_num_threads() if whole_cohort and tokens.device.type == "cpu" else 1
-    ahead = workers if workers > 1 else 0
+    ahead = calls_ahead(workers)
     # window mode without selection: tiled matrix products, the references laid out once, when that fits the budget
     tiled = (
         TiledWindow(tokens, valid, radius, block_bytes(budget_bytes))

@@ -34,6 +34,7 @@ __all__ = [
     "warm_up_vector_math",
     "ready_vector_math",
     "single_threaded_workers",
+    "calls_ahead",
 ]
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,12 @@ def _start_worker() -> None:
     warm_up_vector_math(1)
 
 
+def calls_ahead(count: int) -> int:
+    """How many calls :func:`single_threaded_workers` with ``count`` workers may run ahead of the result last taken
+    (what their results add to the memory held): none for the builtin ``map`` of one worker."""
+    return count if count > 1 else 0
+
+
 @contextlib.contextmanager
 def single_threaded_workers(count: int) -> Iterator[MapInOrder]:
     """A ``map`` that runs its calls on ``count`` worker threads, each running torch on one thread; results in order.
@@ -124,7 +131,7 @@ def single_threaded_workers(count: int) -> Iterator[MapInOrder]:
         running: collections.deque[Future[Result]] = collections.deque()
         for item in items:
             running.append(pool.submit(in_callers_mode, function, item))
-            if len(running) > count:
+            if len(running) > calls_ahead(count):
                 yield running.popleft().result()
         while running:
             yield running.popleft().result()
