@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT / "bundle"))
 import torch  # noqa: E402
 
 from scripts import scoring  # noqa: E402
+from scripts.allocator import keep_freed_memory  # noqa: E402
 from scripts.outputs import atomic_path, write_json  # noqa: E402
 from scripts.run_report import versions  # noqa: E402
 from scripts.scoring import mutual_scores, num_closest  # noqa: E402
@@ -90,7 +91,6 @@ def vit_flops(model: torch.nn.Module, tokens: int) -> float:
 
 def bench_encoding(args: argparse.Namespace) -> list[dict]:
     """Slices per second of the ViTs as the encoding pass runs them: the bundle's slice batch, freed memory kept."""
-    from scripts.allocator import keep_freed_memory
     from scripts.backbones import create_backbone
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -339,23 +339,25 @@ def measure_peer(
                 return torch.stack([musc_scores(z, i, 0.3) for i in range(n)])
             return mutual_scores(tokens, valid, alpha, impl, 1, int(budget_mb * 2**20)).flatten(1)
 
-    # CS3F as the bundle runs it: a warm-up unit, one unit under each thread count, the rest under the faster;
-    # MuSc with torch's default threads, as it ships
+    # CS3F as the bundle runs it: a warm-up unit, one unit under each thread count, the rest under the faster, freed
+    # memory kept between units (as between the groups of a run: inferer._group_scores); MuSc as it ships, with
+    # torch's default threads and glibc's default allocator
     chooser = FastestThreadCount() if impl != "musc" and not threads else None
     run = chooser or (lambda unit: unit())
-    while chooser and chooser.chosen is None:
-        chooser(score)  # the trials are the warm-up
-    run(score)  # warm-up under the chosen count
     seconds, working_mb = [], math.nan
-    if memory:
-        base = memory_baseline()
-        out = run(score)
-        working_mb = max(0, memory_peak() - base) / 2**20
-    else:
-        while not seconds or sum(seconds) < PEER_SECONDS:
-            start = time.perf_counter()
+    with keep_freed_memory() if impl != "musc" else contextlib.nullcontext():
+        while chooser and chooser.chosen is None:
+            chooser(score)  # the trials are the warm-up
+        run(score)  # warm-up under the chosen count
+        if memory:
+            base = memory_baseline()
             out = run(score)
-            seconds.append(time.perf_counter() - start)
+            working_mb = max(0, memory_peak() - base) / 2**20
+        else:
+            while not seconds or sum(seconds) < PEER_SECONDS:
+                start = time.perf_counter()
+                out = run(score)
+                seconds.append(time.perf_counter() - start)
     return {
         "shape": shape,
         "n": n,
@@ -536,6 +538,17 @@ def window_bound_s(row: dict) -> float:
     return (row["n"] - 1) * math.prod(grid) * c * 4 / (row["read_gb_s"] * 1e9)
 
 
+def window_floor_s(row: dict, radius: int = 1) -> float:
+    """Seconds per scored subject that no exact window matching can beat on this machine's arithmetic: the dot
+    products of every token with its (2r+1)^3 neighbours in every other subject, each pair of subjects once, at the
+    matrix-product rate measured in the same run. Over the memory bound it is ``(2r+1)^3 / 4`` FLOPs per byte read
+    (6.75 for r = 1) times bandwidth / matmul rate, whatever N, C and the grid: where that exceeds 2, the issue's
+    "within 2x of the memory bound" cannot be met in float32."""
+    *grid, c = PEER_SHAPES[row["shape"]]
+    flops = (2 * radius + 1) ** 3 * 2 * c * math.prod(grid) * (row["n"] - 1) / 2
+    return flops / (row["matmul_gflops"] * 1e9)
+
+
 def peer_markdown(rows: list[dict]) -> list[str]:
     """The peer table: MuSc against CS3F's two matching modes, quiet and loaded, and how much load costs each."""
     by = {(r["shape"], r["n"], r["impl"], r["competitors"]): r for r in rows}
@@ -553,14 +566,16 @@ def peer_markdown(rows: list[dict]) -> list[str]:
         "`fraction of matmul` counts the FLOPs each does (one product per pair; window's padded tiles, "
         "`tiled_window_flops`) against a 2048^2 matrix product measured in the same run and load; `x memory bound` is "
         "window's time over reading every other subject's tokens once at the streaming bandwidth measured in the same "
-        "run. Both average the "
+        "run, `x compute floor` its time over the products window matching cannot do without (each token against its "
+        "27 neighbours in every other subject, each pair once) at that matmul rate (`window_floor_s`). Both average the "
         "`int(0.3 (N-1))` closest subjects and all tokens are valid, so MuSc's and CS3F's global scores must agree "
         "(`same`); `window` searches +-1 token positions only (another, cheaper question).",
         "",
         "| tokens | N | load | MuSc s/subject | CS3F global s/subject | global vs MuSc | global, fraction of matmul "
         "| CS3F window s/subject | window vs MuSc | window, fraction of matmul | window x memory bound "
-        "| threads global / window (per process) | working MB MuSc / global / window | global same as MuSc |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| window x compute floor | threads global / window (per process) | working MB MuSc / global / window "
+        "| global same as MuSc |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     names = {"3d": "16^3 x 64", "musc_2d": "37x37 x 1024 (MuSc's 2D shape)"}
     speedups = {}
@@ -575,13 +590,14 @@ def peer_markdown(rows: list[dict]) -> list[str]:
             musc["s_per_subject"] / win["s_per_subject"],
         )
         bound = f"{win['s_per_subject'] / window_bound_s(win):.0f}x" if "read_gb_s" in win else "-"
+        floor = f"{win['s_per_subject'] / window_floor_s(win):.1f}x"
         *grid, c = PEER_SHAPES[shape]
         window_gflops = tiled_window_flops(c, tuple(grid), 1) * (n - 1) / 2 / 1e9  # per scored subject
         window_matmul = f"{100 * window_gflops / win['s_per_subject'] / win['matmul_gflops']:.0f} %"
         lines.append(
             f"| {names[shape]} | {n} | {f'{load} busy processes' if load else 'quiet'} | {_ms(musc)} | {_ms(glob)} | "
             f"{speedups[(shape, n, load)][0]:.1f}x | {100 * actual / glob['matmul_gflops']:.0f} % | {_ms(win)} | "
-            f"{speedups[(shape, n, load)][1]:.1f}x | {window_matmul} | {bound} | {_threads(glob)} / {_threads(win)} | "
+            f"{speedups[(shape, n, load)][1]:.1f}x | {window_matmul} | {bound} | {floor} | {_threads(glob)} / {_threads(win)} | "
             f"{musc['working_mb']:.0f} / {glob['working_mb']:.0f} / {win['working_mb']:.0f} | {same} |"
         )
     loaded = [(key, value) for key, value in speedups.items() if key[2]]
@@ -598,6 +614,17 @@ def peer_markdown(rows: list[dict]) -> list[str]:
             )
             + ".",
         ]
+    for load in sorted({key[3] for key in by}):
+        row = next((r for key, r in by.items() if key[2] == "window" and key[3] == load and "read_gb_s" in r), None)
+        if row:
+            ratio = window_floor_s(row) / window_bound_s(row)
+            lines += [
+                "",
+                f"{'Quiet' if not load else f'{load} busy processes'}: the compute floor is {ratio:.1f}x the memory "
+                f"bound ({row['matmul_gflops']:.0f} GFLOP/s of matmul, {row['read_gb_s']:.0f} GB/s read), so window "
+                f"matching within 2x of the memory bound is {'possible' if ratio <= 2 else 'out of reach'} in float32 "
+                "on this machine.",
+            ]
     return lines + [""]
 
 

@@ -80,6 +80,13 @@ def test_peer_table_reports_the_load_ratio(perf):
     text = "\n".join(perf.peer_markdown(rows))
     assert "| 16^3 x 64 | 8 | quiet | 1.000" in text and "2 busy processes" in text
     assert "global 1.00, window 1.00" in text  # load costs both the same here
+    # 27 neighbours x 2 x 64 FLOPs x 4096 tokens x 7 others / 2 at 100 GFLOP/s: 0.495 ms; 20 ms is 40.4 times that
+    assert "| 40.4x |" in text
+    assert "Quiet: the compute floor is 0.7x the memory bound (100 GFLOP/s of matmul, 10 GB/s read)" in text
+    assert "2x of the memory bound is possible" in text
+    # 27 FLOPs per 4 bytes: 6.75 x 10 / 40 = 1.7 can still be within 2x of the bound, 6.75 x 10 / 30 = 2.25 cannot
+    assert "is possible" in "\n".join(perf.peer_markdown([{**row, "matmul_gflops": 40.0} for row in rows]))
+    assert "is out of reach" in "\n".join(perf.peer_markdown([{**row, "matmul_gflops": 30.0} for row in rows]))
 
 
 def test_peer_measurement_times_runs_or_measures_memory(perf, monkeypatch):

@@ -15,6 +15,7 @@ from monai.inferers import Inferer
 from torch import nn
 from tqdm.auto import tqdm
 
+from .allocator import keep_freed_memory
 from .postprocessing import upsample_parts
 from .scoring import MATCHING_MODES, fine_scores, median_and_mad, mutual_scores
 from .threads import FastestThreadCount
@@ -118,19 +119,20 @@ class CohortInferer(Inferer):
         valid = valid.to(device)
         # on a CPU, groups (equal in cost) run under the faster of all physical cores and one thread (see threads)
         run = FastestThreadCount() if device.type == "cpu" else (lambda unit: unit())
-        for g in tqdm(range(num_groups), desc=desc, disable=not self.progress, leave=False):
-            yield g, run(
-                lambda: mutual_scores(
-                    groups[:, g].to(device).float(),
-                    valid,
-                    self.alpha,
-                    self.matching,
-                    self.window,
-                    self.budget_bytes,
-                    subjects,
-                    return_selection=selection,
+        with keep_freed_memory():  # each group's temporaries are the size of the last's: reused, not faulted in again
+            for g in tqdm(range(num_groups), desc=desc, disable=not self.progress, leave=False):
+                yield g, run(
+                    lambda: mutual_scores(
+                        groups[:, g].to(device).float(),
+                        valid,
+                        self.alpha,
+                        self.matching,
+                        self.window,
+                        self.budget_bytes,
+                        subjects,
+                        return_selection=selection,
+                    )
                 )
-            )
 
     @torch.inference_mode()
     def score_entries(

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from .allocator import keep_freed_memory
 from .pair_rows import each_pair_once, held_bytes
 from .threads import MapInOrder, calls_ahead, ready_vector_math, single_threaded_workers
 from .tiled_window import TiledWindow, tiled_window_bytes
@@ -293,19 +294,17 @@ def mutual_scores(
     ahead = calls_ahead(workers)
     # window mode without selection: tiled matrix products, the references laid out once, when that fits the budget
     tiled = (
-        TiledWindow(tokens, valid, radius, block_bytes(budget_bytes))
-        if flat is None
+        flat is None
         and not return_selection
         and tiled_window_bytes(n, tokens.shape[1], tuple(grid), radius, ahead) <= budget_bytes
-        else None
     )
 
     def others_of(i: int) -> torch.Tensor:
         return torch.tensor([j for j in range(n) if j != i], device=tokens.device)
 
-    def one_by_one(i: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if tiled is not None:
-            return tiled.distances(i)
+    def one_by_one(i: int, window: TiledWindow | None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if window is not None:
+            return window.distances(i)
         others = others_of(i)
         if flat is None:
             return nearest_distances_window(tokens[i], tokens, valid, radius, budget_bytes, return_selection, others)
@@ -313,15 +312,17 @@ def mutual_scores(
 
     # the whole cohort each pair once, when what is held back between pairs fits the budget
     pairwise = whole_cohort and (
-        tiled is not None or (flat is not None and held_bytes(n, flat.shape[1], ahead=ahead) <= budget_bytes)
+        tiled or (flat is not None and held_bytes(n, flat.shape[1], ahead=ahead) <= budget_bytes)
     )
     scores, chosen, matches = [], [], []
-    with single_threaded_workers(workers if pairwise else 1) as map_in_order:
+    # the subjects' temporaries, equal in size, reuse freed memory instead of faulting fresh pages in (allocator)
+    with keep_freed_memory(), single_threaded_workers(workers if pairwise else 1) as map_in_order:
         ready_vector_math(tokens.device)  # distances end in sqrt: no thread's first VML call on them
+        window = TiledWindow(tokens, valid, radius, block_bytes(budget_bytes), map_in_order) if tiled else None
         if not pairwise:
-            found_per_subject = ((i, one_by_one(i)) for i in (range(n) if subjects is None else subjects))
-        elif tiled is not None:
-            found_per_subject = tiled.each_subject(map_in_order)
+            found_per_subject = ((i, one_by_one(i, window)) for i in (range(n) if subjects is None else subjects))
+        elif window is not None:
+            found_per_subject = window.each_subject(map_in_order)
         else:
             found_per_subject = pairwise_distances_global(tokens.flatten(2), flat_valid, budget_bytes, map_in_order)
         for i, found in found_per_subject:

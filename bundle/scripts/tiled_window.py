@@ -13,6 +13,10 @@ The same products answer both directions: the minimum over a tile's positions is
 reference (each query position is seen by ``(w / t)^3`` tiles, whose minima are merged), and the minimum over the
 query region is the reference token's distance to the query, exact within one tile. A whole cohort is therefore
 scored with each pair once (``pair_rows.each_pair_once``). ``benchmarks/perf.py --only peer`` measures it.
+
+The references are laid out once, channels-last in tile order: one transposing copy per subject (the tokens arrive
+channels-first), on the scoring's workers. A query's regions are then whole rows of that layout, gathered with one
+``index_select``; positions outside the grid read one extra row of zeros with an infinite norm.
 """
 
 from __future__ import annotations
@@ -46,14 +50,17 @@ def _padded_positions(grid: tuple[int, ...], layout: list[tuple[int, int, int]])
 
 
 def tiled_window_bytes(num_subjects: int, channels: int, grid: tuple[int, ...], radius: int, ahead: int = 0) -> int:
-    """Memory ``TiledWindow`` holds besides the tokens: the references in tile order (twice while they are laid out),
-    one query's regions and per-tile minima, and the distances held back between pairs, with ``ahead`` comparisons
-    running ahead (the product blocks are bounded separately)."""
+    """Memory ``TiledWindow`` holds besides the tokens: the references in tile order with their squared norms, the
+    subjects being laid out (a channels-last copy and a squared temporary each), the regions and per-tile minima of
+    the queries being compared, their row indices (int64), and the distances held back between pairs, with ``ahead``
+    comparisons (or layouts) running ahead of the one in hand (the product blocks are bounded separately)."""
     layout = [_axis_layout(radius, n) for n in grid]
     padded = _padded_positions(grid, layout)
     expansion = math.prod(w / t for _, t, w in layout)
-    laid_out = num_subjects * (2 * channels + 1) + expansion * (channels + 1 + num_subjects)
-    return int(_BYTES * padded * laid_out) + held_bytes(num_subjects, padded, _BYTES, ahead)
+    running = 1 + ahead
+    laid_out = num_subjects * (channels + 1) + running * (2 * channels + 1 + expansion * (channels + 1 + num_subjects))
+    indices = 2 + 2.25 * expansion + running * 4 * expansion  # int64 rows of the grid, of the regions, per query
+    return int(_BYTES * padded * (laid_out + indices)) + held_bytes(num_subjects, padded, _BYTES, ahead)
 
 
 def tiled_window_flops(channels: int, grid: tuple[int, ...], radius: int) -> int:
@@ -61,11 +68,6 @@ def tiled_window_flops(channels: int, grid: tuple[int, ...], radius: int) -> int
     the padded tiles cost, against ``2 C (2r+1)^3`` per token for the window alone."""
     layout = [_axis_layout(radius, n) for n in grid]
     return 2 * channels * _padded_positions(grid, layout) * math.prod(w for _, _, w in layout)
-
-
-def _pad(x: torch.Tensor, padding: list[int], value: float = 0.0) -> torch.Tensor:
-    """``F.pad``, without its copy of the whole cohort when the grid is whole tiles already."""
-    return F.pad(x, padding, value=value) if any(padding) else x
 
 
 class TiledWindow:
@@ -76,23 +78,35 @@ class TiledWindow:
         valid: ``(N, X, Y, Z)`` bool, which tokens may be matched.
         radius: half-width of the search window, in grid positions.
         block_bytes: bound on one block of products (a block of tiles against the references of one pass).
+        map_in_order: how the subjects are laid out (``map``, or the scoring's workers: ``threads``).
     """
 
-    def __init__(self, tokens: torch.Tensor, valid: torch.Tensor, radius: int, block_bytes: int) -> None:
-        _, _, *grid = tokens.shape
+    def __init__(
+        self, tokens: torch.Tensor, valid: torch.Tensor, radius: int, block_bytes: int, map_in_order: MapInOrder = map
+    ) -> None:
+        n, c, *grid = tokens.shape
         self.tokens, self.valid, self.grid, self.block_bytes = tokens, valid, tuple(grid), block_bytes
         self.layout = [_axis_layout(radius, size) for size in grid]
         self.tiles = tuple(math.ceil(size / t) for size, (_, t, _) in zip(grid, self.layout))
         # a query region is w / t (1 or 2) tiles a side: the query's tiles at these shifts from the reference tile
         self.shifts = list(itertools.product(*(range(w // t) for _, t, w in self.layout)))
-        # the grid padded up to whole tiles, with invalid tokens (F.pad takes the last axis first)
-        padding = [0, 0, 0, 0, 0, 0]
-        for axis, (size, (_, t, _), count) in enumerate(zip(grid, self.layout, self.tiles)):
-            padding[5 - 2 * axis] = count * t - size
-        self.squares = tokens.square().sum(1).masked_fill(~valid, math.inf)  # (N, X, Y, Z), as reference and query
-        self.refs = self._tile_order(_pad(tokens, padding).permute(0, 2, 3, 4, 1))  # one contiguous copy
-        self.ref_squares = self._tile_order(_pad(self.squares, padding, value=math.inf)).flatten(0, 2)
-        self.refs = self.refs.flatten(0, 2)  # (tiles, N, t^3, C): a run of subjects is one matrix per tile
+        self.positions = math.prod(t for _, t, _ in self.layout)  # t^3, the tokens of one tile
+        rows = math.prod(self.tiles) * n * self.positions
+        whole_tiles = rows == n * math.prod(grid)
+        # (tiles, N, t^3, C) rows, a run of subjects one matrix per tile, then one more row: outside the grid (and in
+        # the padding up to whole tiles), zero tokens with infinite norms, nobody's match
+        self._grid_rows = self._rows_of_grid()
+        self._rows = (torch.empty if whole_tiles else torch.zeros)(rows + 1, c, device=tokens.device)
+        self._rows[rows] = 0.0
+        self._row_squares = torch.full((rows + 1,), math.inf, device=tokens.device)
+        for _ in map_in_order(self._lay_out, range(n)):
+            pass
+        self.refs = self._rows[:rows].view(-1, n, self.positions, c)
+        self.ref_squares = self._row_squares[:rows].view(-1, n, self.positions)
+        # a query's regions are gathered from its own rows: which rows (of subject 0); outside the grid, the last row
+        region_rows = self._region_rows().flatten()
+        self._region_index = region_rows.masked_fill(region_rows < 0, rows)
+        self._region_inside = region_rows >= 0  # subject i's rows are i t^3 further, the last row stays
         # inf where reference position d of a tile and query position (shift, e) of its region are further than r
         near = []
         for r, t, w in self.layout:
@@ -102,9 +116,39 @@ class TiledWindow:
             near[0][:, None, None, :, None, None, :, None, None] & near[1][None, :, None, None, :, None, None, :, None]
         )
         inside = inside & near[2][None, None, :, None, None, :, None, None, :]  # (d, shift, e) per axis, interleaved
-        positions = math.prod(t for _, t, _ in self.layout)
         self.outside = torch.zeros(inside.shape, device=tokens.device).masked_fill_(~inside, math.inf)
-        self.outside = self.outside.view(positions, len(self.shifts), positions)
+        self.outside = self.outside.view(self.positions, len(self.shifts), self.positions)
+
+    def _rows_of_grid(self) -> torch.Tensor:
+        """``(X, Y, Z)`` long: the row of each grid position of subject 0 in the references, ``(tiles * N * t^3)``
+        (subject i's are ``i t^3`` further)."""
+        n, positions = self.tokens.shape[0], self.positions
+        padded = [count * t for count, (_, t, _) in zip(self.tiles, self.layout)]
+        at_spot = self._tile_order(torch.arange(math.prod(padded), device=self.tokens.device).view(1, *padded))
+        spot = torch.arange(at_spot.numel(), device=self.tokens.device)  # tile * t^3 + position in the tile
+        rows = torch.empty_like(spot)
+        rows[at_spot.flatten()] = spot // positions * n * positions + spot % positions
+        x, y, z = self.grid
+        return rows.view(padded)[:x, :y, :z]
+
+    def _lay_out(self, i: int) -> None:
+        """Subject ``i``'s tokens and squared norms into its rows of the references: one transposing copy, then whole
+        rows (torch's blocked 2D transpose moves 2-3 GB/s on one of these cores, a strided copy of the 5D tokens 1)."""
+        c = self.tokens.shape[1]
+        rows = self._grid_rows.flatten() + i * self.positions
+        channels_last = self.tokens[i].reshape(c, -1).T.contiguous()
+        self._rows.index_copy_(0, rows, channels_last)
+        squares = self.tokens[i].square().sum(0).masked_fill_(~self.valid[i], math.inf)
+        self._row_squares.index_copy_(0, rows, squares.flatten())
+
+    def _region_rows(self) -> torch.Tensor:
+        """``(tiles, shifts, t^3)`` long: the reference row (of subject 0) of each query token of each tile's region,
+        -1 outside the grid. The query grid is padded by r in front, so that a region is whole tiles of it."""
+        extra = [0, 0, 0, 0, 0, 0]
+        for axis, (size, (r, t, w), count) in enumerate(zip(self.grid, self.layout, self.tiles)):
+            extra[5 - 2 * axis - 1 : 6 - 2 * axis] = [r, (count + w // t - 1) * t - size - r]
+        padded = F.pad(self._grid_rows, extra, value=-1)
+        return self._around_tiles(self._tile_order(padded[None])[..., 0, :])
 
     def _tile_order(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, PX, PY, PZ, *rest)``, ``P = tiles * t`` -> ``(tiles_x, tiles_y, tiles_z, N, t^3, *rest)``."""
@@ -117,13 +161,13 @@ class TiledWindow:
     def _regions(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Subject ``i``'s tokens around each tile, ``(tiles, shifts * t^3, C)``, and their squared norms,
         ``(tiles, shifts, t^3)``: ``inf`` for invalid tokens and outside the grid, so that they are nobody's match.
-        The query grid is padded by r in front, so that a region is whole tiles of it: no token is gathered alone."""
-        extra = [0, 0, 0, 0, 0, 0]
-        for axis, (size, (r, t, w), count) in enumerate(zip(self.grid, self.layout, self.tiles)):
-            extra[5 - 2 * axis - 1 : 6 - 2 * axis] = [r, (count + w // t - 1) * t - size - r]
-        query = self._tile_order(F.pad(self.tokens[i], extra).permute(1, 2, 3, 0)[None])[..., 0, :, :]
-        squares = self._tile_order(F.pad(self.squares[i], extra, value=math.inf)[None])[..., 0, :]
-        return self._around_tiles(query).flatten(1, 2), self._around_tiles(squares)
+        Gathered as whole rows from the references (its tokens are laid out channels-last there already)."""
+        index = self._region_index + self._region_inside * (i * self.positions)
+        regions = self._rows.index_select(0, index)
+        squares = self._row_squares.index_select(0, index)
+        c = self.tokens.shape[1]
+        tiles, shifts = math.prod(self.tiles), len(self.shifts)
+        return regions.view(tiles, shifts * self.positions, c), squares.view(tiles, shifts, self.positions)
 
     def _around_tiles(self, tiled: torch.Tensor) -> torch.Tensor:
         """``(QX, QY, QZ, *rest)`` contiguous, the query's padded grid in tile order -> ``(tiles, shifts, *rest)``:
