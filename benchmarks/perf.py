@@ -339,13 +339,13 @@ def measure_peer(
                 return torch.stack([musc_scores(z, i, 0.3) for i in range(n)])
             return mutual_scores(tokens, valid, alpha, impl, 1, int(budget_mb * 2**20)).flatten(1)
 
-    # CS3F as the bundle runs it: a warm-up unit, one unit under each thread count, the rest under the faster, freed
-    # memory kept between units (as between the groups of a run: inferer._group_scores); MuSc as it ships, with
-    # torch's default threads and glibc's default allocator
+    # CS3F as the bundle runs it: a warm-up unit, one unit under each thread count, the rest under the faster, window
+    # matching keeping freed memory between units (as between the groups of a run: scoring.freed_memory_kept); MuSc as
+    # it ships, with torch's default threads and glibc's default allocator
     chooser = FastestThreadCount() if impl != "musc" and not threads else None
     run = chooser or (lambda unit: unit())
     seconds, working_mb = [], math.nan
-    with keep_freed_memory() if impl != "musc" else contextlib.nullcontext():
+    with scoring.freed_memory_kept(impl) if impl != "musc" else contextlib.nullcontext():
         while chooser and chooser.chosen is None:
             chooser(score)  # the trials are the warm-up
         run(score)  # warm-up under the chosen count

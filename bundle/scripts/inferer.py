@@ -15,9 +15,8 @@ from monai.inferers import Inferer
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocator import keep_freed_memory
 from .postprocessing import upsample_parts
-from .scoring import MATCHING_MODES, fine_scores, median_and_mad, mutual_scores
+from .scoring import MATCHING_MODES, fine_scores, freed_memory_kept, median_and_mad, mutual_scores
 from .threads import FastestThreadCount
 from .transforms import plain_tensor
 from .values import as_bool
@@ -119,7 +118,7 @@ class CohortInferer(Inferer):
         valid = valid.to(device)
         # on a CPU, groups (equal in cost) run under the faster of all physical cores and one thread (see threads)
         run = FastestThreadCount() if device.type == "cpu" else (lambda unit: unit())
-        with keep_freed_memory():  # each group's temporaries are the size of the last's: reused, not faulted in again
+        with freed_memory_kept(self.matching):  # across the groups too: each one's temporaries are like the last's
             for g in tqdm(range(num_groups), desc=desc, disable=not self.progress, leave=False):
                 yield g, run(
                     lambda: mutual_scores(
