@@ -51,9 +51,10 @@ def freed_memory_kept(matching: str) -> contextlib.AbstractContextManager:
     """Keep freed memory for reuse while scoring with ``matching`` (``allocator.keep_freed_memory``), or not.
 
     Window matching's temporaries (each query's regions, the product blocks) are alike from subject to subject and
-    group to group: kept, they are reused instead of faulted in again (fresh pages cost about 1 ms per MB here).
-    Global matching is left to glibc: its 8 MB blocks, kept on the heap among the small rows held back between pairs,
-    fragmented it (measured, 32 subjects of 16^3 x 64 tokens: 115 MB of working memory against 45 MB, growing in N).
+    group to group: kept, they are reused instead of faulted in again (fresh pages cost about 1 ms per MB on the
+    2-core machine of ``perf.md``). Global matching is left to glibc: its 8 MB blocks, kept on the heap among the
+    small rows held back between pairs, fragmented it (``perf.py``'s memory process, 16^3 x 64 tokens: 61 and 115 MB
+    of working memory at N = 8 and 32, against 38 and 44).
     """
     return keep_freed_memory() if matching == "window" else contextlib.nullcontext()
 
