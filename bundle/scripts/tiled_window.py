@@ -50,15 +50,17 @@ def _padded_positions(grid: tuple[int, ...], layout: list[tuple[int, int, int]])
 
 
 def tiled_window_bytes(num_subjects: int, channels: int, grid: tuple[int, ...], radius: int, ahead: int = 0) -> int:
-    """Memory ``TiledWindow`` holds besides the tokens: the references in tile order with their squared norms, the
-    subjects being laid out (a channels-last copy and a squared temporary each), the regions and per-tile minima of
-    the queries being compared, their row indices (int64), and the distances held back between pairs, with ``ahead``
-    comparisons (or layouts) running ahead of the one in hand (the product blocks are bounded separately)."""
+    """Memory ``TiledWindow`` holds besides the tokens: the references in tile order with their squared norms, then
+    per call running at once (one, or one per worker when ``ahead`` calls may run ahead of the one in hand) the larger
+    of a subject being laid out (a channels-last copy and a squared temporary) and a query being compared (its regions
+    and per-tile minima), the row indices (int64), and the distances held back between pairs (the product blocks are
+    bounded separately). Laying out ends before comparing begins."""
     layout = [_axis_layout(radius, n) for n in grid]
     padded = _padded_positions(grid, layout)
     expansion = math.prod(w / t for _, t, w in layout)
-    running = 1 + ahead
-    laid_out = num_subjects * (channels + 1) + running * (2 * channels + 1 + expansion * (channels + 1 + num_subjects))
+    running = max(1, ahead)
+    per_call = max(2 * channels + 1, expansion * (channels + 1 + num_subjects))
+    laid_out = num_subjects * (channels + 1) + running * per_call
     indices = 2 + 2.25 * expansion + running * 4 * expansion  # int64 rows of the grid, of the regions, per query
     return int(_BYTES * padded * (laid_out + indices)) + held_bytes(num_subjects, padded, _BYTES, ahead)
 
