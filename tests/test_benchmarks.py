@@ -82,11 +82,28 @@ def test_peer_table_reports_the_load_ratio(perf):
     assert "global 1.00, window 1.00" in text  # load costs both the same here
     # 27 neighbours x 2 x 64 FLOPs x 4096 tokens x 7 others / 2 at 100 GFLOP/s: 0.495 ms; 20 ms is 40.4 times that
     assert "| 40.4x |" in text
-    assert "Quiet: the compute floor is 0.7x the memory bound (100 GFLOP/s of matmul, 10 GB/s read)" in text
-    assert "2x of the memory bound is possible" in text
-    # 27 FLOPs per 4 bytes: 6.75 x 10 / 40 = 1.7 can still be within 2x of the bound, 6.75 x 10 / 30 = 2.25 cannot
-    assert "is possible" in "\n".join(perf.peer_markdown([{**row, "matmul_gflops": 40.0} for row in rows]))
-    assert "is out of reach" in "\n".join(perf.peer_markdown([{**row, "matmul_gflops": 30.0} for row in rows]))
+    # over the bound: 27 FLOPs per 4 bytes x 10 GB/s / 100 GFLOP/s = 0.68; the tiled products, 64 for 27: 1.6
+    assert (
+        "Quiet (100 GFLOP/s of matmul, 10 GB/s read), over the memory bound: 16^3 x 64: the compute floor 0.7x, "
+        in text
+    )
+    assert "window's tiled products at the full matmul rate 1.6x, so within 2x of the memory bound is possible" in text
+    # 6.75 x 10 / 40 = 1.7 can still be within 2x of the bound, 6.75 x 10 / 30 = 2.25 cannot; the tiled products
+    # (16 x 10 / 40 = 4) are out of reach at both
+    at_40 = "\n".join(perf.peer_markdown([{**row, "matmul_gflops": 40.0} for row in rows]))
+    assert "is possible in float32 and out of reach for the tiled formulation" in at_40
+    at_30 = "\n".join(perf.peer_markdown([{**row, "matmul_gflops": 30.0} for row in rows]))
+    assert "is out of reach in float32 and out of reach for the tiled formulation" in at_30
+
+
+def test_window_floor_counts_the_neighbours_a_thin_grid_has(perf):
+    """MuSc's 2D shape is one token thick: a window of radius 1 holds 9 positions there, not 27."""
+    assert perf.window_neighbours((16, 16, 16)) == 27 and perf.window_neighbours((37, 37, 1)) == 9
+    assert perf.window_neighbours((37, 37, 1), radius=2) == 25 and perf.window_neighbours((2, 5, 1), radius=2) == 15
+    row = {"shape": "musc_2d", "n": 16, "matmul_gflops": 100.0, "read_gb_s": 10.0}
+    # 9 x 2 x 1024 x 1369 x 15 / 2 FLOPs at 100 GFLOP/s; the tiled products: 4 x 4 region positions of 38 x 38 padded
+    assert perf.window_floor_s(row) == pytest.approx(9 * 2 * 1024 * 1369 * 7.5 / 1e11)
+    assert perf.tiled_products_s(row) == pytest.approx(16 * 2 * 1024 * 38 * 38 * 7.5 / 1e11)
 
 
 def test_peer_measurement_times_runs_or_measures_memory(perf, monkeypatch):
