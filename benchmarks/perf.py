@@ -38,7 +38,7 @@ from scripts.outputs import atomic_path, write_json  # noqa: E402
 from scripts.run_report import versions  # noqa: E402
 from scripts.scoring import mutual_scores, num_closest  # noqa: E402
 from scripts.threads import FastestThreadCount  # noqa: E402
-from scripts.tiled_window import tiled_window_flops  # noqa: E402
+from scripts.tiled_window import tiled_window_flops, window_neighbours  # noqa: E402
 
 GRID, CHANNELS = 16, 64  # a 224^3 volume, patch 14, default projection
 
@@ -540,12 +540,6 @@ def window_bound_s(row: dict) -> float:
     return (row["n"] - 1) * math.prod(grid) * c * 4 / (row["read_gb_s"] * 1e9)
 
 
-def window_neighbours(grid: tuple[int, ...], radius: int = 1) -> int:
-    """Positions a token's window holds: ``(2r+1)`` a side, fewer along an axis the grid does not have room for (a
-    thin grid, ``37 x 37 x 1``, has 9 for r = 1, not 27)."""
-    return math.prod(2 * min(radius, size - 1) + 1 for size in grid)
-
-
 def window_floor_s(row: dict, radius: int = 1) -> float:
     """Seconds per scored subject that no exact window matching can beat on this machine's arithmetic: the dot
     products of every token with its ``window_neighbours`` in every other subject, each pair of subjects once, at the
@@ -564,6 +558,16 @@ def tiled_products_s(row: dict, radius: int = 1) -> float:
     *grid, c = PEER_SHAPES[row["shape"]]
     flops = tiled_window_flops(c, tuple(grid), radius) * (row["n"] - 1) / 2
     return flops / (row["matmul_gflops"] * 1e9)
+
+
+def _reach(name: str, window: dict) -> str:
+    """Whether a shape's window matching can come within 2x of the memory bound: exactly, and as tiled products."""
+    floor, tiled = (limit(window) / window_bound_s(window) for limit in (window_floor_s, tiled_products_s))
+    return (
+        f"{name}: the compute floor {floor:.1f}x, window's tiled products at the full matmul rate {tiled:.1f}x, so "
+        f"within 2x of the memory bound is {'possible' if floor <= 2 else 'out of reach'} in float32 and "
+        f"{'possible' if tiled <= 2 else 'out of reach'} for the tiled formulation"
+    )
 
 
 def peer_markdown(rows: list[dict]) -> list[str]:
@@ -609,9 +613,7 @@ def peer_markdown(rows: list[dict]) -> list[str]:
         )
         bound = f"{win['s_per_subject'] / window_bound_s(win):.0f}x" if "read_gb_s" in win else "-"
         floor = f"{win['s_per_subject'] / window_floor_s(win):.1f}x"
-        *grid, c = PEER_SHAPES[shape]
-        window_gflops = tiled_window_flops(c, tuple(grid), 1) * (n - 1) / 2 / 1e9  # per scored subject
-        window_matmul = f"{100 * window_gflops / win['s_per_subject'] / win['matmul_gflops']:.0f} %"
+        window_matmul = f"{100 * tiled_products_s(win) / win['s_per_subject']:.0f} %"
         lines.append(
             f"| {names[shape]} | {n} | {f'{load} busy processes' if load else 'quiet'} | {_ms(musc)} | {_ms(glob)} | "
             f"{speedups[(shape, n, load)][0]:.1f}x | {100 * actual / glob['matmul_gflops']:.0f} % | {_ms(win)} | "
@@ -633,24 +635,15 @@ def peer_markdown(rows: list[dict]) -> list[str]:
             + ".",
         ]
     for load in sorted({key[3] for key in by}):
-        limits = {
-            key[0]: (window_floor_s(r) / window_bound_s(r), tiled_products_s(r) / window_bound_s(r), r)
-            for key, r in by.items()
-            if key[2] == "window" and key[3] == load and "read_gb_s" in r
-        }
-        if not limits:
+        windows = {key[0]: r for key, r in by.items() if key[2] == "window" and key[3] == load and "read_gb_s" in r}
+        if not windows:
             continue
-        row = next(iter(limits.values()))[2]
+        row = next(iter(windows.values()))  # one machine, one load: the same matmul rate and bandwidth in every row
         lines += [
             "",
             f"{'Quiet' if not load else f'{load} busy processes'} ({row['matmul_gflops']:.0f} GFLOP/s of matmul, "
             f"{row['read_gb_s']:.0f} GB/s read), over the memory bound: "
-            + "; ".join(
-                f"{names[shape]}: the compute floor {floor:.1f}x, window's tiled products at the full matmul rate "
-                f"{tiled:.1f}x, so within 2x of the memory bound is {'possible' if floor <= 2 else 'out of reach'} "
-                f"in float32 and {'possible' if tiled <= 2 else 'out of reach'} for the tiled formulation"
-                for shape, (floor, tiled, _) in limits.items()
-            )
+            + "; ".join(_reach(names[shape], window) for shape, window in windows.items())
             + ".",
         ]
     return lines + [""]

@@ -98,7 +98,7 @@ def test_peer_table_reports_the_load_ratio(perf):
 
 def test_window_floor_counts_the_neighbours_a_thin_grid_has(perf):
     """MuSc's 2D shape is one token thick: a window of radius 1 holds 9 positions there, not 27."""
-    assert perf.window_neighbours((16, 16, 16)) == 27 and perf.window_neighbours((37, 37, 1)) == 9
+    assert perf.window_neighbours((16, 16, 16), radius=1) == 27 and perf.window_neighbours((37, 37, 1), radius=1) == 9
     assert perf.window_neighbours((37, 37, 1), radius=2) == 25 and perf.window_neighbours((2, 5, 1), radius=2) == 15
     row = {"shape": "musc_2d", "n": 16, "matmul_gflops": 100.0, "read_gb_s": 10.0}
     # 9 x 2 x 1024 x 1369 x 15 / 2 FLOPs at 100 GFLOP/s; the tiled products: 4 x 4 region positions of 38 x 38 padded

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .pair_rows import each_pair_once, held_bytes
 from .threads import MapInOrder
 
-__all__ = ["TiledWindow", "tiled_window_bytes", "tiled_window_flops"]
+__all__ = ["TiledWindow", "tiled_window_bytes", "tiled_window_flops", "window_neighbours"]
 
 _BYTES = 4  # float32
 
@@ -65,9 +65,15 @@ def tiled_window_bytes(num_subjects: int, channels: int, grid: tuple[int, ...], 
     return int(_BYTES * padded * (laid_out + indices)) + held_bytes(num_subjects, padded, _BYTES, ahead)
 
 
+def window_neighbours(grid: tuple[int, ...], radius: int) -> int:
+    """Positions a token's window holds: ``(2r+1)`` a side, fewer along an axis the grid has no room for (a grid one
+    token thick, ``37 x 37 x 1``, has 9 for r = 1, not 27)."""
+    return math.prod(2 * r + 1 for r, _, _ in (_axis_layout(radius, n) for n in grid))
+
+
 def tiled_window_flops(channels: int, grid: tuple[int, ...], radius: int) -> int:
     """Floating-point operations of one pair's products (each reference position against its query region): what
-    the padded tiles cost, against ``2 C (2r+1)^3`` per token for the window alone."""
+    the padded tiles cost, against ``2 C window_neighbours`` per token for the window alone."""
     layout = [_axis_layout(radius, n) for n in grid]
     return 2 * channels * _padded_positions(grid, layout) * math.prod(w for _, _, w in layout)
 
