@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,7 +125,7 @@ def test_peer_measurement_times_runs_or_measures_memory(perf, monkeypatch):
 
 def test_cohort_part_times_the_bundles_own_encoding_and_scoring(perf):
     """The cohort row (the GPU's 100-subject figure) times what the bundle computes, with its defaults: the scores
-    are the inferer's own for the same cohort, and one more subject costs what the others do."""
+    are the inferer's own for the same cohort."""
     row = perf.measure_cohort(3, dict(TINY_VIT_SETTINGS))
     network, inferer, _ = perf.bundle_network_and_inferer(dict(TINY_VIT_SETTINGS))
     volumes, masks = perf.synthetic_volumes(3, TINY_VIT_SETTINGS["grid_size"])
@@ -133,6 +135,14 @@ def test_cohort_part_times_the_bundles_own_encoding_and_scoring(perf):
     assert row["slices_per_s"] == pytest.approx(3 * 3 * 32 / row["encoding_s"])  # three axes of 32 slices each
     assert (row["device"], row["dtype"], row["matching"], row["slice_batch"]) == ("cpu", "fp32", "window", 32)
     assert "features of blocks [0, 1] of 2, random weights" in row["backbone"]
+
+
+def test_a_cohort_of_fewer_subjects_than_the_bundle_takes_is_refused_before_any_work(tmp_path):
+    cmd = [sys.executable, str(PERF), "--only", "cohort", "--cohort_subjects", "2", "--results", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "--cohort_subjects: at least 3 subjects make a cohort, got 2" in done.stderr.splitlines()[-1]
+    assert not any(tmp_path.iterdir())
 
 
 def test_cohort_bar_is_judged_only_on_the_run_it_is_for(perf):
